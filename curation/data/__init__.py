@@ -1,0 +1,1 @@
+"""Getting text into the pool: packaged sources, the demo corpus, readers, tokenizer, ingest."""

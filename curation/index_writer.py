@@ -1,0 +1,84 @@
+"""The stage index writer (DESIGN.md 2.5): selection table -> reweighted MDS streams.
+
+MDS cannot point at a subset of a shard, so the selected samples are materialised: one MDS
+folder per bucket under `<run>/stages/<k>/index/<bucket>/`, then `streams.json` (bucket ->
+path, remote, proportion) and `streams.yaml` (an llm-foundry `streams:` block), then
+`selection.parquet`, and `_SUCCESS` last. A stage without `_SUCCESS` does not exist.
+
+Within a bucket, samples keep the order of the selection table (sorted by sample id), so the
+same selection gives the same bytes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+import pyarrow as pa
+
+from curation.data.ingest import POOL_COLUMNS
+from curation.pool import MDSFolder
+from schemas import streams, tables
+from schemas.errors import MatesError
+from schemas.storage import join, store_for, write_parquet
+
+
+def stage_url(run_url: str, stage: int) -> str:
+    return join(run_url, "stages", str(stage))
+
+
+def stage_committed(run_url: str, stage: int) -> bool:
+    return store_for(stage_url(run_url, stage)).exists("_SUCCESS")
+
+
+def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage: int, method: str,
+                      extra: dict | None = None) -> list[streams.StreamEntry]:
+    """Materialise the selected samples as bucket streams and commit the stage (see above)."""
+    from streaming import MDSWriter
+
+    selection = tables.conform(selection, tables.SELECTION)
+    chosen = selection.filter(selection.column("selected"))
+    if chosen.num_rows == 0:
+        raise MatesError(f"`selection` of stage {stage} keeps no sample; raise `stages.selection_ratio`.")
+    url = stage_url(run_url, stage)
+    store = store_for(url)
+    pool = MDSFolder(pool_url)
+    ids = np.asarray(chosen.column("sample_id"))
+    buckets = np.asarray(chosen.column("bucket").to_pylist(), dtype=object)
+    weights = np.asarray(chosen.column("weight"))
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="mates-index-") as tmp:
+        for bucket in sorted(set(buckets)):
+            streams.check_relative_name(bucket, f"selection bucket of stage {stage}")
+            members = np.sort(ids[buckets == bucket])
+            out_dir = os.path.join(tmp, bucket)
+            with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+                           progress_bar=False) as writer:
+                for sample in pool.iter_items(members):
+                    writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+            for name in sorted(os.listdir(out_dir)):  # shards first, index.json last
+                if name != "index.json":
+                    store.put_file(os.path.join(out_dir, name), "index", bucket, name)
+            store.put_file(os.path.join(out_dir, "index.json"), "index", bucket, "index.json")
+            proportion = float(weights[buckets == bucket][0])
+            entries.append(streams.StreamEntry(name=bucket, path=bucket, remote=join(url, "index", bucket),
+                                               proportion=streams.check_proportion(proportion, f"bucket {bucket} weight"),
+                                               samples=len(members)))
+    store.write_bytes(streams.manifest_json(entries, stage=stage, method=method), "index", "streams.json")
+    store.write_bytes(streams.foundry_yaml(entries), "index", "streams.yaml")
+    write_parquet(selection, url, "selection.parquet")
+    marker = {"format": "mates-stage", "version": 1, "stage": stage, "method": method,
+              "selected": int(chosen.num_rows), "candidates": int(selection.num_rows), **(extra or {})}
+    store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
+    return entries
+
+
+def read_stage_streams(run_url: str, stage: int) -> list[tuple[str, float]]:
+    """(bucket URL, proportion) of a committed stage; an uncommitted stage does not exist."""
+    url = stage_url(run_url, stage)
+    if not stage_committed(run_url, stage):
+        raise MatesError(f"stage {stage} of `{run_url}` is not committed (no _SUCCESS).")
+    where = f"{url}/index/streams.json"
+    entries = streams.parse_manifest(store_for(url).read_bytes("index", "streams.json"), where)
+    return [(join(url, "index", e.path), e.proportion) for e in entries]

@@ -1,0 +1,145 @@
+"""Command handlers: each turns parsed arguments into plain values and calls curation/training."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from schemas.errors import MatesError
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training", "recipes")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def recipe_path(name_or_path: str) -> str:
+    """A recipe file path, or the name of a packaged recipe (`micro`, `demo`, `bench`)."""
+    if os.path.exists(name_or_path):
+        return name_or_path
+    packaged = os.path.join(RECIPES_DIR, f"{name_or_path}.yaml")
+    if os.path.exists(packaged):
+        return packaged
+    names = sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml"))
+    raise MatesError(f"`recipe` {name_or_path!r} is neither a file nor a packaged recipe ({', '.join(names)}).")
+
+
+def load(name_or_path: str, overrides: dict | None = None):
+    from schemas.recipe import load_recipe
+
+    return load_recipe(recipe_path(name_or_path), overrides)
+
+
+# ---------------------------------------------------------------- demo-corpus / ingest
+def cmd_demo_corpus(args) -> int:
+    from curation.data.demo_corpus import DemoCorpusConfig, write_demo_corpus
+
+    summary = write_demo_corpus(args.out, DemoCorpusConfig(seed=args.seed, max_per_source=args.max_per_source))
+    log(f"demo corpus: {summary['documents']} documents in {args.out}/corpus.jsonl; "
+        f"reference: {summary['cloze']} cloze, {summary['heldout']} held-out")
+    for source, n in sorted(summary["sources"].items()):
+        log(f"  {source:12s} {n:7d}")
+    return 0
+
+
+def print_ingest_summary(summary) -> None:
+    d = summary.to_dict()
+    log(f"ingest: {d['documents']} documents -> {d['sequences']} sequences, {d['tokens']} tokens "
+        f"in {d['shards']} shards ({d['bytes_written'] / 1e6:.1f} MB), {d['seconds']:.1f} s, "
+        f"{d['tokens_per_s']:,.0f} tokens/s; {d['dropped_short']} short slices dropped")
+    for source, n in sorted(d["per_source"].items()):
+        log(f"  {source:12s} {n:7d} sequences")
+
+
+def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, source="text", force=False):
+    from tqdm import tqdm
+
+    from curation.data.ingest import ingest
+
+    bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty())
+
+    def progress(n_docs, summary):
+        bar.update(n_docs)
+        bar.set_postfix(tokens=summary.tokens)
+
+    try:
+        summary = ingest(input_url, data_url, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+                         reference_url=reference_url, default_source=source, force=force, progress=progress)
+    finally:
+        bar.close()
+    print_ingest_summary(summary)
+    return summary
+
+
+def cmd_ingest(args) -> int:
+    from schemas.recipe import recipe_from_dict
+
+    overrides = {}
+    if args.seq_len:
+        overrides["ingest.seq_len"] = args.seq_len
+        overrides["model.max_seq_len"] = max(args.seq_len, 128)
+    if args.vocab_size:
+        overrides["tokenizer.vocab_size"] = args.vocab_size
+    if args.tokenizer:
+        overrides["tokenizer.path"] = args.tokenizer
+    if args.data:
+        overrides["data"] = args.data
+    if args.recipe:
+        recipe = load(args.recipe, overrides)
+    else:
+        if not args.data:
+            raise MatesError("`--data` is required without `--recipe`.")
+        recipe = recipe_from_dict({"data": args.data, "run": args.data}, overrides)
+    run_ingest(args.input, recipe.data, recipe, reference_url=args.reference, source=args.source,
+               force=args.force)
+    return 0
+
+
+# ---------------------------------------------------------------- run / curate / demo
+def cmd_run(args) -> int:
+    from training.stage_loop import run_recipe
+
+    recipe = load(args.recipe, args.set)
+    run_recipe(recipe, log=log)
+    return 0
+
+
+def cmd_curate(args) -> int:
+    from training.stage_loop import curate_stage
+
+    curate_stage(args.run, args.stage, force=args.force, log=log)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """demo corpus -> ingest -> the demo recipe, all under `args.out`."""
+    from curation.data.demo_corpus import DemoCorpusConfig, write_demo_corpus
+    from schemas.storage import store_for
+    from training.stage_loop import run_recipe
+
+    out = os.path.abspath(args.out)
+    corpus_dir, data_url, run_url = (os.path.join(out, p) for p in ("corpus", "data", "run"))
+    recipe = load(args.recipe, {"data": data_url, "run": run_url})
+    started = time.perf_counter()
+    if not os.path.exists(os.path.join(corpus_dir, "corpus.jsonl")):
+        summary = write_demo_corpus(corpus_dir, DemoCorpusConfig(seed=recipe.seed))
+        log(f"demo corpus: {summary['documents']} documents, sources {summary['sources']}")
+    if store_for(data_url).exists("_SUCCESS"):
+        log(f"ingest: pool at {data_url} already committed; reusing it")
+    else:
+        run_ingest(os.path.join(corpus_dir, "corpus.jsonl"), data_url, recipe,
+                   reference_url=os.path.join(corpus_dir, "reference"))
+    run_recipe(recipe, log=log)
+    log(f"demo: finished in {time.perf_counter() - started:.0f} s; outputs under {out}")
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+def cmd_bench(args) -> int:
+    from jobs import bench
+
+    result = getattr(bench, f"bench_{args.what}")(load(args.recipe), out=args.out, log=log)
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,343 @@
+"""The recipe: YAML -> typed, validated config, before any expensive work starts.
+
+A recipe follows llm-foundry's train YAML (`variables`, `model`, `tokenizer`, `train_loader`,
+`optimizer`, `scheduler`, `eval`, `callbacks`, `loggers`, `save_folder`, `seed`) plus a `stages:`
+block and the `data:` / `run:` root URLs. `${name}` in any string is replaced by
+`variables.name` (or by a top-level scalar such as `run`).
+
+Every section is a keyword-only dataclass; `load_recipe` rejects an unknown key, a wrong type or
+a value outside its allowed set with a one-line `MatesError` naming the key's dotted path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from schemas.errors import MatesError
+
+
+# ---------------------------------------------------------------- sections
+@dataclass(kw_only=True)
+class TokenizerConfig:
+    vocab_size: int = 4096            # byte-level BPE trained at ingest
+    path: Optional[str] = None        # a tokenizer.json to load instead of training one
+
+
+@dataclass(kw_only=True)
+class IngestConfig:
+    seq_len: int = 128                # tokens per sample (documents are cut into slices)
+    min_tokens: int = 16              # slices shorter than this are dropped (tails, tiny docs)
+    max_docs: Optional[int] = None    # cap on documents read (None = all)
+    shard_size_limit: int = 1 << 22   # bytes per MDS shard before a new one starts
+    batch_docs: int = 1000            # documents tokenized per batch
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: Literal["gpt2", "gpt_neox"] = "gpt2"
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_seq_len: int = 128
+    dropout: float = 0.0
+
+
+@dataclass(kw_only=True)
+class TrainLoaderConfig:
+    batch_size: int = 16
+    num_workers: int = 0
+    shuffle: bool = True
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 1e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    name: Literal["constant", "cosine_with_warmup", "linear_with_warmup"] = "cosine_with_warmup"
+    t_warmup: int = 0                 # batches
+    alpha_f: float = 0.1              # final lr as a fraction of the peak
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = 32
+    max_cloze: int = 256              # reference examples used (first N)
+    max_heldout: int = 256
+
+
+@dataclass(kw_only=True)
+class StagesConfig:
+    count: int = 2
+    batches: list[int] = field(default_factory=lambda: [40, 40])  # per stage; one int = every stage
+    pool_per_stage: int = 1000        # candidates per stage: a fresh, disjoint slice of the pool
+    selection_ratio: float = 0.5      # fraction of the candidates kept
+    method: str = "random"
+    options: dict = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class RandomOptions:
+    temperature: float = 0.5          # unused by random (pred = 0), kept so the path is shared
+
+
+@dataclass(kw_only=True)
+class MatesOptions:
+    temperature: float = 0.5          # Gumbel-top-k temperature tau (authors: 0.5)
+    probe_method: Literal["exact", "first_order"] = "exact"
+    n_probes: int = 256
+    probe_batch: int = 16
+    reference: Literal["cloze", "heldout"] = "cloze"
+    max_reference: int = 64
+    encoder_max_len: int = 128
+    encoder_layers: int = 6
+    epochs: int = 3
+    lr: float = 5e-5
+    batch_size: int = 16
+    warm_start: bool = True
+
+
+METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions}
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    data: str
+    run: str
+    seed: int = 17
+    variables: dict = field(default_factory=dict)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
+    grad_clip_norm: float = 1.0
+    save_folder: Optional[str] = None  # default: <run>/checkpoints
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train_loader: TrainLoaderConfig = field(default_factory=TrainLoaderConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    stages: StagesConfig = field(default_factory=StagesConfig)
+    callbacks: dict = field(default_factory=dict)
+    loggers: dict = field(default_factory=dict)
+    method_options: Any = None        # filled from stages.options by validation
+
+    @property
+    def stage_batches(self) -> list[int]:
+        return list(self.stages.batches)
+
+    @property
+    def total_batches(self) -> int:
+        return sum(self.stages.batches)
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.save_folder or self.run.rstrip("/") + "/checkpoints"
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("method_options")
+        return out
+
+
+# ---------------------------------------------------------------- generic typed build
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except MatesError:
+                continue
+        raise MatesError(f"`{key}` must be {_type_name(tp)}; got {value!r}.")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise MatesError(f"`{key}` must be {_type_name(tp)}; got {value!r}.")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise MatesError(f"`{key}` must be {_type_name(tp)}; got {value!r}.")
+        return [_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is not None:
+            raise MatesError(f"`{key}` must be null; got {value!r}.")
+        return None
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 1e-3 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (str, bool, dict) and isinstance(value, tp):
+        return value
+    if tp is Any:
+        return value
+    raise MatesError(f"`{key}` must be {_type_name(tp)}; got {value!r}.")
+
+
+def build(cls, data, prefix: str = ""):
+    """Build the dataclass `cls` from a mapping, refusing unknown keys and wrong types."""
+    where = prefix or "recipe"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise MatesError(f"`{where}` must be a mapping; got {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise MatesError(f"`{key}` is not a recipe key; allowed keys here: {', '.join(sorted(fields))}.")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        kwargs[name] = _coerce(value, hints[name], key)
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        key = f"{prefix}.{missing[0]}" if prefix else missing[0]
+        raise MatesError(f"`{key}` is required.")
+    return cls(**kwargs)
+
+
+# ---------------------------------------------------------------- semantic checks
+def _require(cond: bool, key: str, constraint: str, value) -> None:
+    if not cond:
+        raise MatesError(f"`{key}` must be {constraint}; got {value!r}.")
+
+
+def _validate(recipe: Recipe) -> Recipe:
+    st, m = recipe.stages, recipe.model
+    _require(st.count >= 1, "stages.count", ">= 1", st.count)
+    if len(st.batches) == 1 and st.count > 1:
+        st.batches = st.batches * st.count
+    _require(len(st.batches) == st.count, "stages.batches", f"one int or a list of {st.count} ints",
+             st.batches)
+    for i, b in enumerate(st.batches):
+        _require(b >= 1, f"stages.batches[{i}]", ">= 1", b)
+    _require(0 < st.selection_ratio <= 1, "stages.selection_ratio", "in (0, 1]", st.selection_ratio)
+    _require(st.pool_per_stage >= 1, "stages.pool_per_stage", ">= 1", st.pool_per_stage)
+    if st.method not in METHOD_OPTIONS:
+        raise MatesError(f"`stages.method` must be one of {', '.join(sorted(METHOD_OPTIONS))}; "
+                         f"got {st.method!r}.")
+    recipe.method_options = build(METHOD_OPTIONS[st.method], st.options, "stages.options")
+    opts = recipe.method_options
+    _require(opts.temperature > 0, "stages.options.temperature", "> 0", opts.temperature)
+    if hasattr(opts, "n_probes"):
+        _require(opts.n_probes >= 1, "stages.options.n_probes", ">= 1", opts.n_probes)
+        _require(opts.probe_batch >= 1, "stages.options.probe_batch", ">= 1", opts.probe_batch)
+        _require(1 <= opts.encoder_layers <= 6, "stages.options.encoder_layers", "in [1, 6]",
+                 opts.encoder_layers)
+    _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}",
+             m.n_heads)
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+        _require(getattr(m, key) >= 1, f"model.{key}", ">= 1", getattr(m, key))
+    _require(recipe.ingest.seq_len >= 2, "ingest.seq_len", ">= 2", recipe.ingest.seq_len)
+    _require(recipe.ingest.seq_len <= m.max_seq_len, "ingest.seq_len",
+             f"<= model.max_seq_len={m.max_seq_len} (the model's context)", recipe.ingest.seq_len)
+    _require(1 <= recipe.ingest.min_tokens <= recipe.ingest.seq_len, "ingest.min_tokens",
+             f"in [1, ingest.seq_len={recipe.ingest.seq_len}]", recipe.ingest.min_tokens)
+    _require(256 < recipe.tokenizer.vocab_size <= 65536, "tokenizer.vocab_size", "in (256, 65536]",
+             recipe.tokenizer.vocab_size)
+    _require(recipe.train_loader.batch_size >= 1, "train_loader.batch_size", ">= 1",
+             recipe.train_loader.batch_size)
+    _require(recipe.optimizer.lr > 0 and math.isfinite(recipe.optimizer.lr), "optimizer.lr",
+             "a positive number", recipe.optimizer.lr)
+    _require(len(recipe.optimizer.betas) == 2 and all(0 <= b < 1 for b in recipe.optimizer.betas),
+             "optimizer.betas", "two numbers in [0, 1)", recipe.optimizer.betas)
+    _require(recipe.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 turns clipping off)",
+             recipe.grad_clip_norm)
+    return recipe
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_.]*)\}")
+
+
+def _interpolate(node, variables: dict):
+    if isinstance(node, str):
+        def sub(match):
+            name = match.group(1).removeprefix("variables.")
+            if name not in variables:
+                raise MatesError(f"`${{{match.group(1)}}}` names no variable; defined: "
+                                 f"{', '.join(sorted(variables)) or 'none'}.")
+            return str(variables[name])
+        full = _VAR.fullmatch(node)
+        if full:  # a whole-string reference keeps the variable's type
+            name = full.group(1).removeprefix("variables.")
+            if name in variables:
+                return variables[name]
+        return _VAR.sub(sub, node)
+    if isinstance(node, list):
+        return [_interpolate(v, variables) for v in node]
+    if isinstance(node, dict):
+        return {k: _interpolate(v, variables) for k, v in node.items()}
+    return node
+
+
+def recipe_from_dict(raw: dict, overrides: Optional[dict] = None) -> Recipe:
+    """Validate a parsed recipe (plus dotted-key overrides such as {'run': 's3://b/r'})."""
+    if not isinstance(raw, dict):
+        raise MatesError(f"`recipe` must be a YAML mapping; got {type(raw).__name__}.")
+    raw = dict(raw)
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    variables = dict(raw.get("variables") or {})
+    for key in ("data", "run"):
+        if isinstance(raw.get(key), str):
+            variables.setdefault(key, raw[key])
+    raw = _interpolate(raw, variables)
+    return _validate(build(Recipe, raw))
+
+
+def load_recipe(path_or_text: str, overrides: Optional[dict] = None) -> Recipe:
+    """Load a recipe from a YAML file path (or YAML text) and validate it whole."""
+    import os
+
+    text = path_or_text
+    if "\n" not in path_or_text:
+        if not os.path.exists(path_or_text):
+            raise MatesError(f"`recipe` file {path_or_text!r} does not exist.")
+        with open(path_or_text, encoding="utf-8") as handle:
+            text = handle.read()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MatesError(f"`recipe` is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return recipe_from_dict(raw, overrides)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,191 @@
+"""Object-store URLs: a local directory (the embedded default) or `s3://bucket/prefix`.
+
+One function, `store_for(url)`, turns a URL into a `Store`: an fsspec filesystem plus a root
+path. S3 endpoints and credentials come only from the standard AWS environment variables
+(`AWS_ENDPOINT_URL_S3`, `AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, ...); nothing here logs them.
+
+Atomic writes. A table, an index or a marker is either there whole or not at all:
+* local: written to a hidden temporary file in the same directory, then `os.replace`d;
+* S3: one PUT (or one multipart upload) is itself the commit, since an object only becomes
+  visible once its upload completes; a failed upload leaves no object behind.
+"""
+from __future__ import annotations
+
+import io
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import fsspec
+
+from schemas.errors import MatesError
+
+_S3_ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "S3_ENDPOINT_URL")
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from the environment, or None for AWS itself."""
+    for var in _S3_ENDPOINT_VARS:
+        if os.environ.get(var):
+            return os.environ[var]
+    return None
+
+
+def export_endpoint_for_streaming() -> None:
+    """mosaicml-streaming and Composer read `S3_ENDPOINT_URL`; mirror the AWS variable into it."""
+    endpoint = s3_endpoint()
+    if endpoint and not os.environ.get("S3_ENDPOINT_URL"):
+        os.environ["S3_ENDPOINT_URL"] = endpoint
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def join(url: str, *parts: str) -> str:
+    """Join URL path parts with '/', whatever the scheme."""
+    out = url.rstrip("/")
+    for part in parts:
+        out = out + "/" + str(part).strip("/")
+    return out
+
+
+def _s3_filesystem():
+    import s3fs
+
+    client_kwargs = {}
+    endpoint = s3_endpoint()
+    if endpoint:
+        client_kwargs["endpoint_url"] = endpoint
+    # Standard retry mode retries 500/503/throttling with backoff; a short connect timeout
+    # makes a store that is down fail in seconds with a clear error instead of hanging.
+    config_kwargs = {"connect_timeout": 5, "read_timeout": 60,
+                     "retries": {"max_attempts": 6, "mode": "standard"}}
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                             skip_instance_cache=True, use_listings_cache=False)
+
+
+@dataclass(frozen=True)
+class Store:
+    """A filesystem and the root path inside it that a URL names."""
+
+    url: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts) if parts else self.root
+
+    def url_of(self, *parts: str) -> str:
+        return join(self.url, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self._call(self.fs.exists, self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        path = self.path(*parts)
+        if not self._call(self.fs.exists, path):
+            raise MatesError(f"`{self.url_of(*parts)}` does not exist.")
+        return self._call(self.fs.cat_file, path)
+
+    def write_bytes(self, data: bytes, *parts: str) -> None:
+        """Write `data` atomically (see the module docstring)."""
+        path = self.path(*parts)
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        else:
+            self._call(self.fs.pipe_file, path, data)
+
+    def put_file(self, local_path: str, *parts: str) -> None:
+        """Copy a local file into the store atomically."""
+        path = self.path(*parts)
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            with open(local_path, "rb") as handle:
+                self.write_bytes(handle.read(), *parts)
+        else:
+            self._call(self.fs.put_file, local_path, path)
+
+    def get_file(self, local_path: str, *parts: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
+        self._call(self.fs.get_file, self.path(*parts), local_path)
+
+    def listdir(self, *parts: str) -> list[str]:
+        """Basenames directly under a folder, sorted; [] when it does not exist."""
+        path = self.path(*parts)
+        if not self._call(self.fs.exists, path):
+            return []
+        entries = self._call(self.fs.ls, path, detail=False)
+        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+
+    def walk_files(self, *parts: str) -> Iterator[str]:
+        """Every file under a folder, as paths relative to the store root."""
+        base = self.path(*parts)
+        if not self._call(self.fs.exists, base):
+            return
+        for path in sorted(self._call(self.fs.find, base)):
+            yield posixpath.relpath(path, self.root)
+
+    def remove(self, *parts: str) -> None:
+        """Remove a file or a folder tree; absent is fine."""
+        path = self.path(*parts)
+        if self._call(self.fs.exists, path):
+            self._call(self.fs.rm, path, recursive=True)
+
+    def _call(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MatesError:
+            raise
+        except FileNotFoundError as exc:
+            raise MatesError(f"`{self.url}` not found: {exc}") from exc
+        except PermissionError as exc:
+            raise MatesError(f"`{self.url}` refused access: {exc}") from exc
+        except OSError as exc:
+            raise MatesError(f"`{self.url}` is unreachable: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:  # botocore and aiohttp errors are not OSErrors
+            name = type(exc).__name__
+            if any(key in name for key in ("Endpoint", "Connect", "ClientError", "NoCredentials", "Timeout")):
+                raise MatesError(f"`{self.url}` is unreachable: {name}: {exc}") from exc
+            raise
+
+
+def store_for(url: str) -> Store:
+    """The `Store` that a local path, `file://` or `s3://` URL names."""
+    if not url:
+        raise MatesError("`url` is empty; give a local directory or s3://bucket/prefix.")
+    if url.startswith("s3://"):
+        bucket_and_prefix = url[len("s3://"):].rstrip("/")
+        if not bucket_and_prefix:
+            raise MatesError(f"`url` {url!r} names no bucket; use s3://bucket/prefix.")
+        return Store(url=url.rstrip("/"), fs=_s3_filesystem(), root=bucket_and_prefix)
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if "://" in url:
+        scheme = url.split("://", 1)[0]
+        raise MatesError(f"`url` scheme {scheme!r} is not supported; use a local directory or s3://.")
+    local = os.path.abspath(url)
+    return Store(url=local, fs=fsspec.filesystem("file"), root=local)
+
+
+def write_parquet(table, url: str, *parts: str) -> None:
+    """Write an Arrow table as one Parquet object, atomically."""
+    import pyarrow.parquet as pq
+
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    store_for(url).write_bytes(buffer.getvalue(), *parts)
+
+
+def read_parquet(url: str, *parts: str):
+    """Read one Parquet object into an Arrow table."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(store_for(url).read_bytes(*parts)))

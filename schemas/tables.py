@@ -1,0 +1,96 @@
+"""Arrow schemas of every table mates writes (DESIGN.md section 3).
+
+Each schema carries its name and version in the Parquet metadata (`mates.table`,
+`mates.version`); `conform` casts a table to its schema and refuses missing columns with a
+clear error, so a reader never sees a table of the wrong shape.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas.errors import MatesError
+
+FORMAT_VERSION = "1"
+
+
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"mates.table": name, "mates.version": FORMAT_VERSION})
+
+
+# <data>/catalog/samples.parquet: one row per sample (a fixed-length slice of one document).
+CATALOG = _schema("catalog", [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("chunk", pa.int32(), nullable=False),       # index of the slice within its document
+    pa.field("shard", pa.int32(), nullable=False),       # index into index.json's `shards`
+    pa.field("index_in_shard", pa.int32(), nullable=False),
+    pa.field("n_tokens", pa.int32(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("text_sha1", pa.string(), nullable=False),  # sha1 of the slice's text, for dedup
+    pa.field("preview", pa.string(), nullable=False),    # first characters of the slice's text
+])
+
+# <run>/stages/<k>/probes.parquet: oracle influence per probed sample (DESIGN.md 2.1).
+PROBES = _schema("probes", [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("influence", pa.float64(), nullable=False),  # L_ref(after one step) - L_ref(before)
+    pa.field("method", pa.string(), nullable=False),      # exact | first_order
+    pa.field("stage", pa.int32(), nullable=False),
+])
+
+# <run>/stages/<k>/scores/part-*.parquet: the influence model's prediction per candidate.
+SCORES = _schema("scores", [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("prediction", pa.float32(), nullable=False),
+    pa.field("cluster", pa.int32(), nullable=False),      # -1 when the method does not cluster
+    pa.field("rank", pa.int64(), nullable=False),         # 0 = best (lowest prediction)
+])
+
+# <run>/stages/<k>/selection.parquet: every candidate, selected or not.
+SELECTION = _schema("selection", [
+    pa.field("sample_id", pa.int64(), nullable=False),
+    pa.field("bucket", pa.string(), nullable=False),
+    pa.field("weight", pa.float64(), nullable=False),     # the bucket's stream proportion
+    pa.field("selected", pa.bool_(), nullable=False),
+])
+
+# <run>/metrics.parquet: one row per evaluation point (stage -1 = the initial model).
+METRICS = _schema("metrics", [
+    pa.field("stage", pa.int32(), nullable=False),
+    pa.field("batches_seen", pa.int64(), nullable=False),
+    pa.field("tokens_seen", pa.int64(), nullable=False),
+    pa.field("cloze_loss", pa.float64(), nullable=False),      # loss on the target word only
+    pa.field("heldout_loss", pa.float64(), nullable=False),    # mean token loss, held-out set
+    pa.field("heldout_perplexity", pa.float64(), nullable=False),
+    pa.field("train_tokens_per_s", pa.float64(), nullable=False),
+    pa.field("curation_seconds", pa.float64(), nullable=False),
+    pa.field("train_seconds", pa.float64(), nullable=False),
+])
+
+# <data>/reference/{cloze,heldout}.parquet: tokenized reference sets.
+REFERENCE = _schema("reference", [
+    pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("target_start", pa.int32(), nullable=False),  # loss counted on tokens >= this index
+])
+
+ALL = {s.metadata[b"mates.table"].decode(): s for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, REFERENCE)}
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Select and cast `table`'s columns to `schema`; a missing column is an error."""
+    name = schema.metadata[b"mates.table"].decode()
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise MatesError(f"`{name}` table lacks columns {missing}; expected {schema.names}.")
+    columns = [table.column(f.name).cast(f.type) for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def check_version(table: pa.Table, schema: pa.Schema, where: str) -> None:
+    """Refuse a table written by another format version of mates."""
+    meta = table.schema.metadata or {}
+    seen = meta.get(b"mates.version", b"?").decode()
+    if seen != FORMAT_VERSION:
+        name = schema.metadata[b"mates.table"].decode()
+        raise MatesError(f"`{where}` is a {name} table of format version {seen}; this mates reads "
+                         f"version {FORMAT_VERSION}. Re-run the step that wrote it.")

@@ -1,0 +1,69 @@
+"""Dataloaders over MDS data: the pool, a stage index (weighted streams), in-memory tensors.
+
+Remote MDS folders (`s3://...`) are cached under a per-process scratch folder keyed by the
+remote URL, as mosaicml-streaming needs a distinct `local` per stream; local folders are read in
+place.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+
+import torch
+from torch.utils.data import DataLoader
+
+from curation.batching import collate_samples
+from schemas.storage import export_endpoint_for_streaming, is_remote, store_for
+
+CACHE_ROOT = os.environ.get("MATES_STREAMING_CACHE") or os.path.join(tempfile.gettempdir(), "mates-streaming")
+
+
+def stream_location(url: str, cache_tag: str = "") -> dict:
+    """`remote`/`local` arguments for a `Stream` or `StreamingDataset` reading the MDS folder `url`."""
+    if is_remote(url):
+        export_endpoint_for_streaming()
+        key = hashlib.sha1(f"{url}|{cache_tag}".encode()).hexdigest()[:16]
+        return {"remote": url, "local": os.path.join(CACHE_ROOT, key)}
+    return {"remote": None, "local": store_for(url).root}
+
+
+def _clean_shared_memory() -> None:
+    from streaming.base.util import clean_stale_shared_memory
+
+    try:
+        clean_stale_shared_memory()
+    except Exception:  # best effort: another process may be cleaning at the same time
+        pass
+
+
+def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuffle: bool, seed: int,
+                      cache_tag: str = "", epoch_size: int | None = None):
+    """A StreamingDataset over (url, proportion) streams; one stream with proportion None = plain."""
+    from streaming import Stream, StreamingDataset
+
+    _clean_shared_memory()
+    stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop) for url, prop in streams]
+    return StreamingDataset(streams=stream_objs, batch_size=batch_size, shuffle=shuffle,
+                            shuffle_seed=seed, epoch_size=epoch_size, replication=None,
+                            allow_unsafe_types=False)
+
+
+def mds_loader(dataset, *, batch_size: int, pad_id: int, num_workers: int = 0) -> DataLoader:
+    collate = functools.partial(collate_samples, pad_id=pad_id)
+    return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
+                      drop_last=False, persistent_workers=False)
+
+
+class InMemorySamples(torch.utils.data.Dataset):
+    """The same samples as an MDS dataset, held as tensors (for throughput comparisons)."""
+
+    def __init__(self, samples: list[dict]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
