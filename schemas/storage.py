@@ -62,9 +62,11 @@ def _s3_filesystem():
     # Standard retry mode retries 500/503/throttling with backoff; a short connect timeout
     # makes a store that is down fail in seconds with a clear error instead of hanging.
     config_kwargs = {"connect_timeout": 5, "read_timeout": 60,
-                     "retries": {"max_attempts": 6, "mode": "standard"}}
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
-                             skip_instance_cache=True, use_listings_cache=False)
+                     "retries": {"max_attempts": 4, "mode": "standard"}}
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs,
+                           skip_instance_cache=True, use_listings_cache=False)
+    fs.retries = 3  # s3fs's own retry loop, around botocore's attempts above
+    return fs
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,15 @@ class Store:
             return
         for path in sorted(self._call(self.fs.find, base)):
             yield posixpath.relpath(path, self.root)
+
+    def preflight(self) -> None:
+        """Fail fast, before any work, when the store is unreachable or its bucket is missing."""
+        if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
+            return
+        bucket = self.root.split("/", 1)[0]
+        if not self._call(self.fs.exists, bucket):
+            raise MatesError(f"`{self.url}`: bucket {bucket!r} does not exist (or these credentials "
+                             f"cannot see it); create it first.")
 
     def remove(self, *parts: str) -> None:
         """Remove a file or a folder tree; absent is fine."""

@@ -171,6 +171,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     """Ingest documents at `input_url` into the pool at `data_url`; see the module docstring."""
     started = time.perf_counter()
     store = store_for(data_url)
+    store.preflight()
     if store.exists("_SUCCESS") and not force:
         raise MatesError(f"`data` {data_url!r} already holds an ingested pool; pass --force to "
                          f"replace it (runs that read it will no longer match).")

@@ -1,0 +1,75 @@
+"""Shared fixtures: a real S3 protocol server on loopback and a small ingested corpus.
+
+The S3 server is moto's `ThreadedMotoServer` bound to 127.0.0.1 on a free port; s3fs, boto3,
+mosaicml-streaming and DuckDB all reach it through the standard environment variables. Nothing
+here targets any other address.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MICRO_RECIPE = os.path.join(ROOT, "training", "recipes", "micro.yaml")
+FAKE_SECRET = "mates-test-secret-key-0123456789"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """Start moto on 127.0.0.1 and point every S3 client of this process (and children) at it."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": endpoint, "S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server) -> str:
+    """A fresh, empty bucket; returns its s3:// URL."""
+    import boto3
+
+    name = f"mates-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def micro_corpus(tmp_path_factory) -> str:
+    """A small demo corpus (every source, a few hundred documents): folder with corpus.jsonl."""
+    from curation.data.demo_corpus import DemoCorpusConfig, write_demo_corpus
+
+    out = str(tmp_path_factory.mktemp("corpus"))
+    write_demo_corpus(out, DemoCorpusConfig(seed=0, max_per_source=120, n_cloze=64, n_heldout=64))
+    return out
+
+
+def mates(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the `mates` CLI in a child process, as a user would."""
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})

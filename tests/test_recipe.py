@@ -1,0 +1,82 @@
+"""Recipe validation: every key checked before work starts, one-line errors naming the key."""
+import pytest
+
+from schemas.errors import MatesError
+from schemas.recipe import METHOD_OPTIONS, load_recipe, recipe_from_dict
+from tests.conftest import MICRO_RECIPE
+
+BASE = {"data": "/tmp/d", "run": "/tmp/r"}
+
+
+def error_of(raw: dict) -> str:
+    with pytest.raises(MatesError) as info:
+        recipe_from_dict({**BASE, **raw})
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_packaged_recipes_validate():
+    recipe = load_recipe(MICRO_RECIPE)
+    assert recipe.ingest.seq_len == 64 == recipe.model.max_seq_len  # ${seq_len} interpolated as int
+    assert recipe.stage_batches == [30, 20] and recipe.total_batches == 50
+    assert recipe.checkpoint_url == "./mates-runs/micro/checkpoints"
+
+
+def test_unknown_key_names_key_and_allowed_keys():
+    message = error_of({"model": {"d_modle": 64}})
+    assert "`model.d_modle`" in message and "d_model" in message
+
+
+def test_unknown_top_level_key():
+    assert "`optimiser`" in error_of({"optimiser": {}})
+
+
+def test_wrong_type_names_key():
+    message = error_of({"train_loader": {"batch_size": "sixteen"}})
+    assert "`train_loader.batch_size`" in message and "int" in message
+
+
+def test_unknown_method_lists_allowed():
+    message = error_of({"stages": {"method": "magic"}})
+    assert "`stages.method`" in message
+    for name in METHOD_OPTIONS:
+        assert name in message
+
+
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
+def test_selection_ratio_outside_unit_interval(ratio):
+    assert "`stages.selection_ratio`" in error_of({"stages": {"selection_ratio": ratio}})
+
+
+def test_sequence_longer_than_context():
+    assert "`ingest.seq_len`" in error_of({"ingest": {"seq_len": 256}, "model": {"max_seq_len": 128}})
+
+
+def test_stage_batches_list_must_match_count():
+    assert "`stages.batches`" in error_of({"stages": {"count": 3, "batches": [1, 2]}})
+    assert recipe_from_dict({**BASE, "stages": {"count": 3, "batches": [5]}}).stage_batches == [5, 5, 5]
+
+
+def test_method_options_validated_against_method():
+    assert "`stages.options.n_probes`" in error_of({"stages": {"method": "random", "options": {"n_probes": 3}}})
+    assert "`stages.options.n_probes`" in error_of({"stages": {"method": "mates", "options": {"n_probes": 0}}})
+
+
+def test_missing_required_and_bad_yaml(tmp_path):
+    with pytest.raises(MatesError, match="`data` is required"):
+        recipe_from_dict({"run": "/tmp/r"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(MatesError, match="not valid YAML"):
+        load_recipe(str(bad))
+
+
+def test_undefined_variable():
+    assert "names no variable" in error_of({"run": "${nowhere}/x"})
+
+
+def test_method_registry_matches_recipe_schema():
+    from curation.methods import REGISTRY
+
+    assert set(REGISTRY) == set(METHOD_OPTIONS)

@@ -1,0 +1,50 @@
+"""Composer callbacks of the stage loop: token counting, throughput and a console line.
+
+Behaviour is added by events, not by forking Composer's loop. Metric keys are namespaced:
+`throughput/tokens_per_s`, `train/tokens_seen`, `train/loss`.
+"""
+from __future__ import annotations
+
+import time
+
+from composer.core import Callback, Event, State
+from composer.loggers import Logger
+
+
+class StageMonitor(Callback):
+    """Counts real (non-padding) tokens and logs loss and tokens/s every `interval` batches."""
+
+    def __init__(self, *, stage: int, interval: int = 10, log=print, rank: int = 0):
+        self.stage, self.interval, self.log, self.rank = stage, interval, log, rank
+        self.tokens = 0
+        self.batches = 0
+        self.seconds = 0.0
+        self._batch_start = 0.0
+        self._loss_sum = 0.0
+
+    def state_dict(self) -> dict:
+        return {"tokens": self.tokens, "batches": self.batches, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.tokens, self.batches, self.seconds = state["tokens"], state["batches"], state["seconds"]
+
+    def run_event(self, event: Event, state: State, logger: Logger) -> None:
+        if event == Event.BATCH_START:
+            self._batch_start = time.perf_counter()
+        elif event == Event.BATCH_END:
+            self.seconds += time.perf_counter() - self._batch_start
+            self.tokens += int(state.batch["attention_mask"].sum())
+            self.batches += 1
+            loss = float(state.loss.detach()) if hasattr(state.loss, "detach") else float("nan")
+            self._loss_sum += loss
+            logger.log_metrics({"train/loss": loss, "train/tokens_seen": self.tokens,
+                                "throughput/tokens_per_s": self.tokens_per_s})
+            if self.rank == 0 and self.batches % self.interval == 0:
+                self.log(f"  stage {self.stage} batch {int(state.timestamp.batch):5d}  "
+                         f"loss {self._loss_sum / self.interval:.4f}  "
+                         f"{self.tokens_per_s:,.0f} tokens/s (rank 0)")
+                self._loss_sum = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0

@@ -1,0 +1,288 @@
+"""The stage loop (`mates run`): staged Composer pretraining with curation at every boundary.
+
+For stage k = 0..K-1:
+  1. curation (rank 0): unless `stages/k/_SUCCESS` exists, run the recipe's method (stage 0:
+     `random`, there is no trained model yet) on stage k's candidate pool, from the model state at
+     the end of stage k-1, and commit `stages/k/` (index, streams, selection, _SUCCESS);
+  2. training: a Composer Trainer on stage k's streams for `stages.batches[k]` batches, starting
+     from the state saved at the end of stage k-1 (weights, AdamW moments, step, timestamp);
+  3. evaluation (rank 0) -> a row of `<run>/metrics.parquet`; then the state is committed:
+     `checkpoints/stage-k-state.pt` (weights_only-loadable, see schemas/probe_state.py) and
+     Composer's own `checkpoints/stage-k.pt`.
+
+Why one Trainer per stage rather than one Trainer whose `fit(train_dataloader=..., duration=...)`
+is called K times: a run that resumes after a kill must continue exactly as an uninterrupted one.
+Restoring every stage from the committed state makes both the same code path, so the resume test
+checks the path every run takes. Composer's schedulers are functions of `state.timestamp`; the
+restored timestamp and an explicit `t_max` (the whole run) keep the LR schedule continuous.
+
+Resume. A stage whose state file exists is done and skipped; a stage with `_SUCCESS` is never
+recomputed; a stage without it is redone from scratch. The state file loads with
+`weights_only=True` (no pickled code is executed on resume or when probing).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from curation.data.ingest import read_pool_marker
+from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.index_writer import read_stage_streams, stage_committed, stage_url
+from curation.methods.base import StageContext
+from curation.stage_job import candidate_pools, n_selected, run_stage_job
+from schemas import tables
+from schemas.errors import MatesError
+from schemas.probe_state import load_probe_state, save_probe_state
+from schemas.recipe import Recipe, dump_recipe, load_recipe
+from schemas.storage import export_endpoint_for_streaming, join, read_parquet, store_for, write_parquet
+from training import dist_utils
+from training.callbacks import StageMonitor
+from training.data import mds_loader, streaming_dataset
+from training.evaluation import evaluate, load_reference_sets
+from training.model import build_causal_lm, composer_model
+
+warnings.filterwarnings("ignore", message=".*warmup duration is 0.*")
+
+
+def state_name(stage: int) -> str:
+    return f"stage-{stage}-state.pt"
+
+
+# ---------------------------------------------------------------- optimizer state <-> plain tensors
+def build_optimizer(lm: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    o = recipe.optimizer
+    return torch.optim.AdamW(lm.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                             weight_decay=o.weight_decay)
+
+
+def build_scheduler(recipe: Recipe):
+    from composer.optim import (ConstantWithWarmupScheduler, CosineAnnealingWithWarmupScheduler,
+                                LinearWithWarmupScheduler)
+
+    s, total = recipe.scheduler, f"{recipe.total_batches}ba"
+    if s.name == "constant":
+        return ConstantWithWarmupScheduler(t_warmup=f"{s.t_warmup}ba", t_max=total)
+    if s.name == "linear_with_warmup":
+        return LinearWithWarmupScheduler(t_warmup=f"{s.t_warmup}ba", alpha_f=s.alpha_f, t_max=total)
+    return CosineAnnealingWithWarmupScheduler(t_warmup=f"{s.t_warmup}ba", t_max=total, alpha_f=s.alpha_f)
+
+
+def export_state(lm, optimizer, recipe: Recipe, *, stage: int, timestamp: dict) -> dict:
+    """The probe-state dict (schemas/probe_state.py) of a trained model and its AdamW."""
+    names = {id(p): n for n, p in lm.named_parameters()}
+    exp_avg, exp_avg_sq, step = {}, {}, {}
+    for p, st in optimizer.state.items():
+        if st:
+            exp_avg[names[id(p)]] = st["exp_avg"].detach().cpu().clone()
+            exp_avg_sq[names[id(p)]] = st["exp_avg_sq"].detach().cpu().clone()
+            step[names[id(p)]] = float(st["step"])
+    group = optimizer.param_groups[0]
+    return {"stage": stage, "model_type": recipe.model.name, "model_config": lm.config.to_dict(),
+            "model": {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()},
+            "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step, "timestamp": timestamp,
+            "hparams": {"lr": float(group["lr"]), "betas": [float(b) for b in group["betas"]],
+                        "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+                        "grad_clip_norm": float(recipe.grad_clip_norm), "decoupled": False}}
+
+
+def restore_state(lm, optimizer, state: dict) -> None:
+    """Load weights and AdamW moments saved by `export_state` into a fresh model/optimizer."""
+    lm.load_state_dict(state["model"])
+    device = next(lm.parameters()).device
+    for name, p in lm.named_parameters():
+        if name in state["exp_avg"]:
+            optimizer.state[p] = {"step": torch.tensor(state["step"][name]),
+                                  "exp_avg": state["exp_avg"][name].to(device),
+                                  "exp_avg_sq": state["exp_avg_sq"][name].to(device)}
+
+
+# ---------------------------------------------------------------- run set-up
+class RunContext:
+    """What every stage of a run shares: recipe, pool facts, candidate pools, reference sets."""
+
+    def __init__(self, recipe: Recipe, log):
+        self.recipe, self.log = recipe, log
+        export_endpoint_for_streaming()
+        self.pool_marker = read_pool_marker(recipe.data)
+        self.tokenizer = load_pool_tokenizer(recipe.data)
+        self.eos_id = self.tokenizer.token_to_id(EOS)
+        self.vocab_size = self.tokenizer.get_vocab_size()
+        if self.pool_marker["seq_len"] > recipe.model.max_seq_len:
+            raise MatesError(f"`model.max_seq_len` is {recipe.model.max_seq_len} but the pool at "
+                             f"{recipe.data} holds sequences of up to {self.pool_marker['seq_len']} tokens.")
+        pool_size = int(self.pool_marker["summary"]["sequences"])
+        st = recipe.stages
+        self.pools = candidate_pools(pool_size, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
+        self.device = dist_utils.device_name(recipe.device)
+        self.refs = load_reference_sets(recipe.data, pad_id=self.eos_id, batch_size=recipe.eval.batch_size,
+                                        max_cloze=recipe.eval.max_cloze, max_heldout=recipe.eval.max_heldout,
+                                        device=self.device)
+        self.run_store = store_for(recipe.run)
+        self.ckpt_store = store_for(recipe.checkpoint_url)
+
+    def stage_context(self, stage: int) -> StageContext:
+        r = self.recipe
+        state_url = join(r.checkpoint_url, state_name(stage - 1)) if stage > 0 else None
+        from schemas.recipe import RandomOptions
+
+        return StageContext(run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
+                            n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio),
+                            seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
+                            state_url=state_url, device=self.device, log=self.log)
+
+
+def _commit_recipe(recipe: Recipe) -> None:
+    """Save the resolved recipe; a run folder already holding another recipe is refused."""
+    store = store_for(recipe.run)
+    text = dump_recipe(recipe)
+    if store.exists("recipe.yaml"):
+        saved = load_recipe(store.read_bytes("recipe.yaml").decode())
+        if dump_recipe(saved) != text:
+            raise MatesError(f"`run` {recipe.run!r} already holds a run of another recipe; choose a new "
+                             f"`run` URL (or delete that folder).")
+        return
+    store.write_bytes(text.encode(), "recipe.yaml")
+
+
+def _append_metrics(run_url: str, row: dict) -> None:
+    """Replace the row of `row['stage']` in metrics.parquet (rewritten atomically)."""
+    store = store_for(run_url)
+    rows = read_parquet(run_url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
+    rows = sorted([r for r in rows if r["stage"] != row["stage"]] + [row], key=lambda r: r["stage"])
+    write_parquet(tables.conform(pa.Table.from_pylist(rows), tables.METRICS), run_url, "metrics.parquet")
+
+
+# ---------------------------------------------------------------- one stage
+def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = None) -> dict:
+    """Train stage `stage` from the state at the end of stage-1; return timing and the state."""
+    from composer import Trainer
+    from composer.algorithms import GradientClipping
+    from composer.core import Timestamp
+
+    r, rank = ctx.recipe, dist_utils.rank()
+    lm = build_causal_lm(r.model, ctx.vocab_size, ctx.eos_id, seed=r.seed).to(ctx.device)
+    optimizer = build_optimizer(lm, r)
+    start = {"batch": 0, "sample": 0, "token": 0}
+    if stage > 0:
+        prev = load_probe_state(r.checkpoint_url, state_name(stage - 1))
+        restore_state(lm, optimizer, prev)
+        start = prev["timestamp"]
+    per_rank = r.train_loader.batch_size // dist_utils.world_size()
+    if in_memory is not None:  # throughput comparison: the same samples as tensors
+        from training.data import InMemorySamples
+        dataset = InMemorySamples(in_memory)
+    else:
+        marker = store_for(stage_url(r.run, stage)).read_bytes("_SUCCESS")
+        dataset = streaming_dataset(read_stage_streams(r.run, stage), batch_size=per_rank,
+                                    shuffle=r.train_loader.shuffle, seed=r.seed + stage,
+                                    cache_tag=str(hash(marker)))
+    loader = mds_loader(dataset, batch_size=per_rank, pad_id=ctx.eos_id, num_workers=r.train_loader.num_workers)
+    monitor = StageMonitor(stage=stage, log=ctx.log, rank=rank, interval=max(1, r.stage_batches[stage] // 5))
+    end_batch = start["batch"] + r.stage_batches[stage]
+    algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=r.grad_clip_norm)] \
+        if r.grad_clip_norm > 0 else []
+    trainer = Trainer(model=composer_model(lm), train_dataloader=loader, max_duration=f"{end_batch}ba",
+                      optimizers=optimizer, schedulers=build_scheduler(r), algorithms=algorithms,
+                      device=dist_utils.composer_device(ctx.device), precision=dist_utils.precision(r, ctx.device),
+                      seed=r.seed + 1000 * stage, callbacks=[monitor], loggers=[], progress_bar=False,
+                      log_to_console=False, spin_dataloaders=False, step_schedulers_every_batch=True)
+    trainer.state.timestamp = Timestamp(batch=start["batch"], sample=start["sample"], token=start["token"])
+    t0 = time.perf_counter()
+    trainer.fit()
+    seconds = time.perf_counter() - t0
+    ts = trainer.state.timestamp
+    timestamp = {"batch": int(ts.batch), "sample": int(ts.sample),
+                 "token": int(start["token"]) + monitor.tokens * dist_utils.world_size()}
+    return {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp,
+            "seconds": seconds, "tokens_per_s": monitor.tokens_per_s * dist_utils.world_size()}
+
+
+def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
+    """Rank 0 writes Composer's checkpoint, then the state file that marks the stage trained."""
+    with tempfile.TemporaryDirectory(prefix="mates-ckpt-") as tmp:
+        path = os.path.join(tmp, f"stage-{stage}.pt")
+        trained["trainer"].save_checkpoint(path)
+        if dist_utils.rank() == 0:
+            ctx.ckpt_store.put_file(path, f"stage-{stage}.pt")
+            state = export_state(trained["lm"], trained["optimizer"], ctx.recipe, stage=stage,
+                                 timestamp=trained["timestamp"])
+            save_probe_state(state, ctx.recipe.checkpoint_url, state_name(stage))
+
+
+def curate_if_needed(ctx: RunContext, stage: int) -> float:
+    if stage_committed(ctx.recipe.run, stage):
+        return 0.0
+    method = ctx.recipe.stages.method if stage > 0 else "random"
+    t0 = time.perf_counter()
+    ctx.log(f"stage {stage}: curating {len(ctx.pools[stage])} candidates with `{method}`")
+    run_stage_job(ctx.stage_context(stage), method)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- the loop
+def run_recipe(recipe: Recipe, log=print) -> None:
+    dist_utils.init(recipe.device)
+    ctx = RunContext(recipe, log)
+    rank = dist_utils.rank()
+    if rank == 0:
+        _commit_recipe(recipe)
+    dist_utils.barrier()
+    for stage in range(recipe.stages.count):
+        if ctx.ckpt_store.exists(state_name(stage)):
+            log(f"stage {stage}: already trained (state committed); skipping")
+            continue
+        curation_seconds = curate_if_needed(ctx, stage) if rank == 0 else 0.0
+        dist_utils.barrier()
+        if stage == 0 and rank == 0:
+            lm = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
+            _append_metrics(recipe.run, {"stage": -1, "batches_seen": 0, "tokens_seen": 0,
+                                         **evaluate(lm, ctx.refs), "train_tokens_per_s": 0.0,
+                                         "curation_seconds": 0.0, "train_seconds": 0.0})
+        log(f"stage {stage}: training {recipe.stage_batches[stage]} batches")
+        trained = train_stage(ctx, stage)
+        if rank == 0:
+            metrics = evaluate(trained["lm"], ctx.refs)
+            _append_metrics(recipe.run, {"stage": stage, "batches_seen": trained["timestamp"]["batch"],
+                                         "tokens_seen": trained["timestamp"]["token"], **metrics,
+                                         "train_tokens_per_s": trained["tokens_per_s"],
+                                         "curation_seconds": curation_seconds,
+                                         "train_seconds": trained["seconds"]})
+            log(f"stage {stage}: cloze loss {metrics['cloze_loss']:.4f}, held-out ppl "
+                f"{metrics['heldout_perplexity']:.1f}, {trained['tokens_per_s']:,.0f} tokens/s")
+        _commit_stage_state(ctx, stage, trained)
+        dist_utils.barrier()
+    if rank == 0:
+        log(metrics_table(recipe.run))
+
+
+def metrics_table(run_url: str) -> str:
+    rows = read_parquet(run_url, "metrics.parquet").to_pylist()
+    head = f"{'stage':>5} {'batches':>8} {'tokens':>10} {'cloze loss':>10} {'heldout ppl':>11} {'tok/s':>8} {'curate s':>8}"
+    lines = [head] + [f"{r['stage']:>5} {r['batches_seen']:>8} {r['tokens_seen']:>10} {r['cloze_loss']:>10.4f} "
+                      f"{r['heldout_perplexity']:>11.1f} {r['train_tokens_per_s']:>8.0f} {r['curation_seconds']:>8.1f}"
+                      for r in rows]
+    return "\n".join(lines)
+
+
+def curate_stage(run_url: str, stage: int, *, force: bool = False, log=print) -> None:
+    """`mates curate`: one boundary's job on its own, from the run's saved recipe."""
+    store = store_for(run_url)
+    if not store.exists("recipe.yaml"):
+        raise MatesError(f"`--run` {run_url!r} holds no recipe.yaml; start it with `mates run`.")
+    recipe = load_recipe(store.read_bytes("recipe.yaml").decode())
+    if not 0 <= stage < recipe.stages.count:
+        raise MatesError(f"`--stage` must be in [0, {recipe.stages.count - 1}]; got {stage}.")
+    ctx = RunContext(recipe, log)
+    if stage > 0 and not ctx.ckpt_store.exists(state_name(stage - 1)):
+        raise MatesError(f"stage {stage} needs the state at the end of stage {stage - 1}, which "
+                         f"{recipe.checkpoint_url} does not hold yet.")
+    if force:
+        store_for(stage_url(run_url, stage)).remove("_SUCCESS")
+    seconds = curate_if_needed(ctx, stage)
+    log(f"stage {stage}: curation {'done' if seconds else 'already committed'} ({seconds:.1f} s)")
