@@ -22,6 +22,7 @@ recomputed; a stage without it is redone from scratch. The state file loads with
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import time
@@ -181,7 +182,7 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
         marker = store_for(stage_url(r.run, stage)).read_bytes("_SUCCESS")
         dataset = streaming_dataset(read_stage_streams(r.run, stage), batch_size=per_rank,
                                     shuffle=r.train_loader.shuffle, seed=r.seed + stage,
-                                    cache_tag=str(hash(marker)))
+                                    cache_tag=hashlib.sha1(marker).hexdigest())
     loader = mds_loader(dataset, batch_size=per_rank, pad_id=ctx.eos_id, num_workers=r.train_loader.num_workers)
     monitor = StageMonitor(stage=stage, log=ctx.log, rank=rank, interval=max(1, r.stage_batches[stage] // 5))
     end_batch = start["batch"] + r.stage_batches[stage]

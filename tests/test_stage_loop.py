@@ -1,0 +1,155 @@
+"""The stage loop end to end on the local S3 server: files, streams, learning, resume, 2 ranks."""
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation.data.ingest import ingest
+from schemas.recipe import load_recipe
+from schemas.storage import join, read_parquet, store_for
+from tests.conftest import MICRO_RECIPE, ROOT, free_port, mates
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_pool(micro_corpus, s3_server):
+    """The micro corpus ingested once into its own bucket, with the micro recipe's settings."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-pool")
+    recipe = load_recipe(MICRO_RECIPE)
+    data = "s3://mates-pool/data"
+    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+           reference_url=os.path.join(micro_corpus, "reference"))
+    return data
+
+
+def run_micro(data: str, run: str, *extra: str):
+    return mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run}", *extra)
+
+
+@pytest.fixture(scope="module")
+def clean_run(s3_pool, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-clean")
+    run = "s3://mates-run-clean/run"
+    result = run_micro(s3_pool, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result
+
+
+def test_run_writes_the_design_layout(clean_run):
+    run, result = clean_run
+    store = store_for(run)
+    for rel in ["recipe.yaml", "metrics.parquet", "checkpoints/stage-0.pt", "checkpoints/stage-0-state.pt",
+                "checkpoints/stage-1.pt", "checkpoints/stage-1-state.pt"]:
+        assert store.exists(rel), rel
+    for stage in (0, 1):
+        for rel in ["selection.parquet", "scores/part-00000.parquet", "index/streams.json",
+                    "index/streams.yaml", "index/b000/index.json", "_SUCCESS"]:
+            assert store.exists(f"stages/{stage}/{rel}"), (stage, rel)
+    assert "cloze loss" in result.stderr  # the per-stage metrics table is printed
+
+
+def test_stage_index_is_plain_streaming(clean_run, tmp_path):
+    """Another trainer reads the stage index with mosaicml-streaming alone and gets the selection."""
+    import json
+
+    from streaming import Stream, StreamingDataset
+
+    run, _ = clean_run
+    stage = join(run, "stages", "1")
+    manifest = json.loads(store_for(stage).read_bytes("index", "streams.json"))
+    streams = [Stream(remote=s["remote"], local=str(tmp_path / s["name"]), proportion=s["proportion"])
+               for s in manifest["streams"]]
+    dataset = StreamingDataset(streams=streams, shuffle=False, batch_size=1)
+    selection = read_parquet(stage, "selection.parquet")
+    selected = set(np.asarray(selection.filter(selection.column("selected")).column("sample_id")).tolist())
+    assert len(dataset) == len(selected) == round(0.5 * 400)
+    assert {int(dataset[i]["sample_id"]) for i in range(len(dataset))} == selected
+    assert abs(sum(s["proportion"] for s in manifest["streams"]) - 1) < 1e-9
+
+
+def test_candidate_pools_are_disjoint_and_model_learns(clean_run):
+    run, _ = clean_run
+    sel0 = read_parquet(join(run, "stages", "0"), "selection.parquet")
+    sel1 = read_parquet(join(run, "stages", "1"), "selection.parquet")
+    assert not set(sel0.column("sample_id").to_pylist()) & set(sel1.column("sample_id").to_pylist())
+    metrics = read_parquet(run, "metrics.parquet").to_pylist()
+    by_stage = {m["stage"]: m for m in metrics}
+    assert sorted(by_stage) == [-1, 0, 1]
+    assert by_stage[1]["cloze_loss"] < by_stage[-1]["cloze_loss"] - 0.3
+    assert by_stage[1]["batches_seen"] == 50 and by_stage[1]["tokens_seen"] > by_stage[0]["tokens_seen"] > 0
+
+
+def test_sigkill_in_stage_1_then_resume_matches(clean_run, s3_pool, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-killed")
+    run = "s3://mates-run-killed/run"
+    cmd = [sys.executable, "-m", "jobs.cli", "run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    seen = []
+    for line in proc.stderr:
+        seen.append(line)
+        if line.startswith("  stage 1 batch"):  # training stage 1 is under way
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-2000:]
+    store = store_for(run)
+    assert store.exists("stages/1/_SUCCESS") and not store.exists("checkpoints/stage-1-state.pt")
+
+    result = run_micro(s3_pool, run)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage 0: already trained" in result.stderr
+    clean, _ = clean_run
+    for stage in (0, 1):
+        a = read_parquet(join(clean, "stages", str(stage)), "selection.parquet")
+        b = read_parquet(join(run, "stages", str(stage)), "selection.parquet")
+        assert a.equals(b), stage
+    ma = read_parquet(clean, "metrics.parquet").to_pylist()
+    mb = read_parquet(run, "metrics.parquet").to_pylist()
+    for x, y in zip(ma, mb):  # training resumed from the committed state is the same training
+        assert x["stage"] == y["stage"] and x["tokens_seen"] == y["tokens_seen"]
+        assert abs(x["cloze_loss"] - y["cloze_loss"]) < 1e-5, (x, y)
+
+
+def test_rerun_of_finished_run_recomputes_nothing(clean_run, s3_pool):
+    run, _ = clean_run
+    before = store_for(run).read_bytes("stages/1/_SUCCESS")
+    result = run_micro(s3_pool, run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "stage 1: already trained" in result.stderr
+    assert store_for(run).read_bytes("stages/1/_SUCCESS") == before
+
+
+def test_other_recipe_in_same_run_is_refused(clean_run, s3_pool):
+    run, _ = clean_run
+    result = run_micro(s3_pool, run, "--set", "seed=3")
+    assert result.returncode == 2 and "another recipe" in result.stderr
+
+
+def test_two_process_launcher(s3_pool, s3_server):
+    """`composer -n 2` runs the loop with gloo; rank 0 writes, both ranks read the stage index."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-ddp")
+    run = "s3://mates-run-ddp/run"
+    composer = os.path.join(os.path.dirname(sys.executable), "composer")
+    result = subprocess.run([composer, "-n", "2", "--master_port", str(free_port()), "-m", "jobs.cli", "run",
+                             MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    metrics = read_parquet(run, "metrics.parquet").to_pylist()
+    assert [m["stage"] for m in metrics] == [-1, 0, 1]
+    assert metrics[-1]["batches_seen"] == 50
+    # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
+    assert metrics[-1]["cloze_loss"] < metrics[0]["cloze_loss"]
+    assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
