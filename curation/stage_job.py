@@ -52,7 +52,8 @@ def run_stage_job(ctx: StageContext, method_name: str) -> dict:
                        "rank": ranks(pred)})
     write_parquet(tables.conform(scores, tables.SCORES), url, "scores", "part-00000.parquet")
     seconds = time.perf_counter() - started
-    extra = {"curation_seconds": seconds, **{f"seconds_{k}": v for k, v in ctx.timings.items()}}
+    extra = {"curation_seconds": seconds, **{f"seconds_{k}": v for k, v in ctx.timings.items()},
+             **ctx.metrics}
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                       stage=ctx.stage, method=method_name, extra=extra)
     return {"skipped": False, "seconds": time.perf_counter() - started}

@@ -107,6 +107,7 @@ class MatesOptions:
     lr: float = 5e-5
     batch_size: int = 16
     warm_start: bool = True
+    freeze_word_embeddings: bool = True  # keep MiniLM's 30522x384 token table fixed (see fit)
 
 
 METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions}

@@ -24,7 +24,8 @@ class StageContext:
     state_url: str | None = None      # probe state of the model at this boundary (None: initial)
     device: str = "cpu"
     log: Any = print
-    timings: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)   # seconds per phase, written to _SUCCESS
+    metrics: dict = field(default_factory=dict)   # namespaced figures, written to _SUCCESS
 
 
 class CurationMethod:

@@ -1,0 +1,102 @@
+"""`mates`: model-aware selection with a learned data influence model (DESIGN.md 2.1-2.3).
+
+At a stage boundary:
+  1. probe: sample `n_probes` candidates and compute their oracle influence I(x) on the stage
+     checkpoint (exact one-step AdamW update, or its first-order approximation) -> probes.parquet;
+  2. fit: the MiniLM-L6 influence model on (text, I(x)), z-scored labels, 90/10 split, best epoch
+     by held-out Spearman, warm-started from the previous stage's model -> influence_model/;
+  3. score: predict I(x) for every candidate of the stage's pool (the shared Gumbel-top-k
+     selection in `CurationMethod.select` then keeps `n_select` of them).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from curation.batching import ReferenceSet
+from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.index_writer import stage_url
+from curation.methods.base import CurationMethod, StageContext
+from curation.pool import MDSFolder
+from schemas import tables
+from schemas.errors import MatesError
+from schemas.probe_state import load_probe_state
+from schemas.storage import join, read_parquet, store_for, write_parquet
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    parent, _, name = url.rstrip("/").rpartition("/")
+    return parent, name
+
+
+class MatesMethod(CurationMethod):
+    name = "mates"
+
+    def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x))."""
+        from curation.probing import probe_influence
+
+        opts = ctx.options
+        if ctx.state_url is None:
+            raise MatesError("`mates` needs a trained model state; stage 0 is always `random`.")
+        state = load_probe_state(*_split_url(ctx.state_url))
+        table = read_parquet(ctx.data_url, "reference", f"{opts.reference}.parquet")
+        reference = ReferenceSet(table, pad_id, batch_size=16, limit=opts.max_reference)
+        n = min(opts.n_probes, len(ctx.candidates))
+        rng = np.random.default_rng([ctx.seed, ctx.stage, 31337])
+        ids = np.sort(rng.choice(ctx.candidates, size=n, replace=False))
+        samples = [pool[int(i)] for i in ids]
+        influence = probe_influence(state, reference, samples, method=opts.probe_method,
+                                    probe_batch=opts.probe_batch, pad_id=pad_id, device=ctx.device)
+        probes = pa.table({"sample_id": ids, "influence": influence,
+                           "method": [opts.probe_method] * n, "stage": [ctx.stage] * n})
+        write_parquet(tables.conform(probes, tables.PROBES), stage_url(ctx.run_url, ctx.stage), "probes.parquet")
+        return ids, influence
+
+    def previous_model(self, ctx: StageContext):
+        """The influence model of the latest earlier stage that has one (warm start), or None."""
+        from curation.influence_model import InfluenceModel
+
+        for stage in range(ctx.stage - 1, 0, -1):
+            url = join(stage_url(ctx.run_url, stage), "influence_model")
+            if store_for(stage_url(ctx.run_url, stage)).exists("_SUCCESS") and \
+                    store_for(url).exists():
+                return InfluenceModel.from_pretrained(url)
+        return None
+
+    def predict(self, ctx: StageContext) -> np.ndarray:
+        from curation.influence_model import fit_influence_model
+        from curation.scoring import pool_texts, score_samples
+
+        opts = ctx.options
+        pool = MDSFolder(join(ctx.data_url, "pool"))
+        tokenizer = load_pool_tokenizer(ctx.data_url)
+        pad_id = tokenizer.token_to_id(EOS)
+
+        t0 = time.perf_counter()
+        ids, influence = self.probe(ctx, pool, pad_id)
+        ctx.timings["probe"] = time.perf_counter() - t0
+        ctx.log(f"  probed {len(ids)} candidates ({opts.probe_method}): I(x) mean {influence.mean():+.5f} "
+                f"std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
+
+        t0 = time.perf_counter()
+        init = self.previous_model(ctx) if opts.warm_start else None
+        model, metrics = fit_influence_model(pool_texts(pool, ids, tokenizer), influence, options=opts,
+                                             seed=ctx.seed + ctx.stage, device=ctx.device, init=init,
+                                             freeze_word_embeddings=opts.freeze_word_embeddings,
+                                             log=lambda m: ctx.log(f"  {m}"))
+        model.save_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
+        ctx.timings["fit"] = time.perf_counter() - t0
+        ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
+        ctx.log(f"  influence model: held-out Spearman {metrics['val_spearman']:.3f} "
+                f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
+
+        t0 = time.perf_counter()
+        pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=opts.batch_size * 4,
+                             device=ctx.device)
+        ctx.timings["score"] = time.perf_counter() - t0
+        ctx.log(f"  scored {len(ctx.candidates)} candidates in {ctx.timings['score']:.1f} s "
+                f"({len(ctx.candidates) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
+        return np.asarray(pred, dtype=np.float64)
