@@ -30,8 +30,11 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def s3_server():
     """Start moto on 127.0.0.1 and point every S3 client of this process (and children) at it."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
@@ -73,3 +76,19 @@ def mates(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess
     """Run the `mates` CLI in a child process, as a user would."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def s3_pool(micro_corpus, s3_server):
+    """The micro corpus ingested once into its own bucket, with the micro recipe's settings."""
+    import boto3
+
+    from curation.data.ingest import ingest
+    from schemas.recipe import load_recipe
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-pool")
+    recipe = load_recipe(MICRO_RECIPE)
+    data = "s3://mates-pool/data"
+    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+           reference_url=os.path.join(micro_corpus, "reference"))
+    return data

@@ -8,25 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.data.ingest import ingest
-from schemas.recipe import load_recipe
 from schemas.storage import join, read_parquet, store_for
 from tests.conftest import MICRO_RECIPE, ROOT, free_port, mates
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def s3_pool(micro_corpus, s3_server):
-    """The micro corpus ingested once into its own bucket, with the micro recipe's settings."""
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-pool")
-    recipe = load_recipe(MICRO_RECIPE)
-    data = "s3://mates-pool/data"
-    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-           reference_url=os.path.join(micro_corpus, "reference"))
-    return data
 
 
 def run_micro(data: str, run: str, *extra: str):

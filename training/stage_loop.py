@@ -28,7 +28,6 @@ import tempfile
 import time
 import warnings
 
-import numpy as np
 import pyarrow as pa
 import torch
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 
 from schemas.errors import MatesError
-from schemas.recipe import METHOD_OPTIONS
 
 # name -> "module:Class"; kept in step with schemas.recipe.METHOD_OPTIONS (a test checks).
 REGISTRY = {

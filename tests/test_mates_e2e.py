@@ -1,0 +1,55 @@
+"""`method: mates` end to end on the local S3 server, through the CLI."""
+import json
+
+import numpy as np
+import pytest
+
+from schemas.storage import join, read_parquet, store_for
+from tests.conftest import MICRO_RECIPE, mates
+
+pytestmark = pytest.mark.slow
+MATES_OPTIONS = ("stages.options={n_probes: 64, probe_batch: 16, encoder_layers: 1, encoder_max_len: 64, "
+                 "epochs: 2, max_reference: 32, batch_size: 16}")
+
+
+@pytest.fixture(scope="module")
+def mates_run(s3_pool, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-mates")
+    run = "s3://mates-run-mates/run"
+    result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
+                   "--set", "stages.method=mates", "--set", MATES_OPTIONS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result
+
+
+def test_mates_stage_writes_probes_model_and_scores(mates_run):
+    run, result = mates_run
+    stage = join(run, "stages", "1")
+    probes = read_parquet(stage, "probes.parquet")
+    assert probes.num_rows == 64 and set(probes.column("method").to_pylist()) == {"exact"}
+    assert np.all(np.isfinite(np.asarray(probes.column("influence"))))
+    assert np.std(np.asarray(probes.column("influence"))) > 0  # the oracle separates samples
+    assert store_for(stage).exists("influence_model", "influence_model.json")
+    scores = read_parquet(stage, "scores", "part-00000.parquet")
+    assert scores.num_rows == 400 and len(set(np.round(scores.column("prediction").to_pylist(), 6))) > 50
+    marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
+    assert marker["method"] == "mates" and np.isfinite(marker["curation/influence/val_spearman"])
+    assert "held-out Spearman" in result.stderr
+
+
+def test_mates_index_holds_exactly_the_selection(mates_run, tmp_path):
+    from streaming import Stream, StreamingDataset
+
+    run, _ = mates_run
+    stage = join(run, "stages", "1")
+    manifest = json.loads(store_for(stage).read_bytes("index", "streams.json"))
+    assert manifest["method"] == "mates" and len(manifest["streams"]) == 4  # score buckets
+    dataset = StreamingDataset(streams=[Stream(remote=s["remote"], local=str(tmp_path / s["name"]),
+                                               proportion=s["proportion"]) for s in manifest["streams"]],
+                               shuffle=False, batch_size=1)
+    selection = read_parquet(stage, "selection.parquet")
+    chosen = selection.filter(selection.column("selected"))
+    assert sorted(int(dataset[i]["sample_id"]) for i in range(len(dataset))) == \
+        sorted(chosen.column("sample_id").to_pylist())
