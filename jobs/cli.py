@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, required=True)
     p.add_argument("--force", action="store_true", help="recompute a committed stage")
 
+    p = sub.add_parser("query", help="read-only DuckDB SQL over a run's tables (committed stages only)")
+    p.add_argument("run", help="run URL (local folder or s3://)")
+    p.add_argument("sql", help="one SQL statement; views: samples, probes, trajectories, scores, "
+                               "selection, stages, metrics")
+    p.add_argument("--data", help="pool URL (default: the run recipe's `data`)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--csv", metavar="FILE", help="write the result as CSV ('-' = stdout)")
+    fmt.add_argument("--parquet", metavar="FILE", help="write the result as Parquet")
+    p.add_argument("--max-rows", type=int, default=40, help="rows shown in the table view")
+
     p = sub.add_parser("demo", help="demo corpus -> ingest -> the demo recipe, end to end")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--recipe", default="demo")

@@ -136,6 +136,43 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- query
+def format_table(table, max_rows: int = 40) -> str:
+    """A plain aligned text table of an Arrow table (first `max_rows` rows)."""
+    names = table.column_names
+    rows = table.slice(0, max_rows).to_pylist()
+
+    def cell(v):
+        return f"{v:.6g}" if isinstance(v, float) else ("NULL" if v is None else str(v))
+
+    cells = [[cell(r[n]) for n in names] for r in rows]
+    widths = [max([len(n)] + [len(c[i]) for c in cells]) for i, n in enumerate(names)]
+    lines = ["  ".join(n.ljust(w) for n, w in zip(names, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    if table.num_rows > max_rows:
+        lines.append(f"... {table.num_rows - max_rows} more rows ({table.num_rows} in all)")
+    return "\n".join(lines)
+
+
+def cmd_query(args) -> int:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    from curation.run_views import query
+
+    table = query(args.run, args.sql, args.data)
+    if table is None:
+        return 0
+    if args.parquet:
+        pq.write_table(table, args.parquet)
+    elif args.csv:
+        pacsv.write_csv(table, sys.stdout.buffer if args.csv == "-" else args.csv)
+    else:
+        print(format_table(table, args.max_rows))
+    return 0
+
+
 # ---------------------------------------------------------------- bench
 def cmd_bench(args) -> int:
     from jobs import bench

@@ -36,6 +36,11 @@ def init(requested_device: str) -> None:
     """Start the process group when launched with more than one process."""
     from composer.utils import dist
 
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if local_world > 1 and device_name(requested_device) == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # N ranks x all cores each oversubscribes the CPU, and spinning OpenMP threads then
+        # slow every rank down many times over: give each rank its share of the cores.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.initialize_dist(composer_device(device_name(requested_device)), timeout=600)
 

@@ -33,12 +33,26 @@ def build_causal_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int) -
 
 
 def composer_model(lm: torch.nn.Module):
-    """Wrap a transformers LM for Composer; the loss is the LM's own (labels -100 ignored)."""
-    from composer.metrics.nlp import LanguageCrossEntropy
-    from composer.models import HuggingFaceModel
+    """Wrap a transformers LM for Composer; the loss is the LM's own (labels -100 ignored).
 
-    return HuggingFaceModel(lm, tokenizer=None, use_logits=True, shift_labels=True,
-                            metrics=[LanguageCrossEntropy()])
+    A 15-line ComposerModel instead of Composer's `HuggingFaceModel`, whose constructor imports
+    every causal-LM class in transformers (~10 s per stage, and it starts torch.compile workers).
+    """
+    from composer.models import ComposerModel
+
+    class ComposerCausalLM(ComposerModel):
+        def __init__(self, lm: torch.nn.Module):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, batch: dict):
+            return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"])
+
+        def loss(self, outputs, batch: dict) -> torch.Tensor:
+            return outputs.loss
+
+    return ComposerCausalLM(lm)
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -1,0 +1,115 @@
+"""Read-only DuckDB views over every table of a run (and its pool's sample catalog).
+
+Views: `samples` (the catalog), `metrics`, and across committed stages `probes`, `trajectories`,
+`scores`, `selection`, `stages` (one row per committed stage, from its `_SUCCESS` marker). A stage
+without `_SUCCESS` does not exist here either.
+
+Read-only by construction: the run and data roots are mounted through fsspec filesystems that
+refuse every write (protocols `matesrun://` and `matesdata://`), DuckDB's own local filesystem is
+disabled, and the configuration is locked, so no query can write to the run (or anywhere).
+"""
+from __future__ import annotations
+
+import json
+
+import duckdb
+from fsspec.implementations.dirfs import DirFileSystem
+
+from schemas.errors import MatesError
+from schemas.storage import join, store_for
+
+TABLES = ("probes", "trajectories", "scores", "selection")
+
+
+class _ReadOnlyDir(DirFileSystem):
+    """A folder of a local or S3 store, readable and never writable."""
+
+    def __init__(self, store):
+        super().__init__(path=store.root, fs=store.fs)
+
+    @classmethod
+    def for_protocol(cls, protocol: str, store) -> "_ReadOnlyDir":
+        # fsspec strips a URL's protocol with a classmethod, so the name must be on the class.
+        return type(f"ReadOnly_{protocol}", (cls,), {"protocol": protocol})(store)
+
+    def _refuse(self, *args, **kwargs):
+        raise PermissionError("mates query is read-only")
+
+    def open(self, path, mode="rb", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            self._refuse()
+        return super().open(path, mode, *args, **kwargs)
+
+    _open = open
+
+    rm = rm_file = mkdir = makedirs = put_file = pipe_file = mv = cp_file = touch = _refuse
+
+
+def committed_stages(run_url: str) -> list[int]:
+    store = store_for(run_url)
+    stages = [int(s) for s in store.listdir("stages") if s.isdigit()]
+    return sorted(s for s in stages if store.exists("stages", str(s), "_SUCCESS"))
+
+
+def _stage_files(run_url: str, stage: int, table: str) -> list[str]:
+    store = store_for(join(run_url, "stages", str(stage)))
+    if table == "scores":
+        return [f"stages/{stage}/scores/{p}" for p in store.listdir("scores") if p.endswith(".parquet")]
+    return [f"stages/{stage}/{table}.parquet"] if store.exists(f"{table}.parquet") else []
+
+
+def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the run's views; `data_url` defaults to the run recipe's `data`."""
+    run_store = store_for(run_url)
+    if not run_store.exists("recipe.yaml"):
+        raise MatesError(f"`run` {run_url!r} holds no recipe.yaml; not a mates run.")
+    if data_url is None:
+        import yaml
+
+        data_url = yaml.safe_load(run_store.read_bytes("recipe.yaml"))["data"]
+    con = duckdb.connect(":memory:")
+    con.register_filesystem(_ReadOnlyDir.for_protocol("matesrun", run_store))
+    con.register_filesystem(_ReadOnlyDir.for_protocol("matesdata", store_for(data_url)))
+    stages = committed_stages(run_url)
+    for table in TABLES:
+        parts = []
+        for stage in stages:
+            files = ", ".join(f"'matesrun://{f}'" for f in _stage_files(run_url, stage, table))
+            if files:
+                pick = "*" if table in ("probes", "trajectories") else f"{stage}::INTEGER AS stage, *"
+                parts.append(f"SELECT {pick} FROM read_parquet([{files}])")
+        if parts:
+            con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
+    if store_for(data_url).exists("catalog", "samples.parquet"):
+        con.execute("CREATE VIEW samples AS SELECT * FROM read_parquet('matesdata://catalog/samples.parquet')")
+    if run_store.exists("metrics.parquet"):
+        con.execute("CREATE VIEW metrics AS SELECT * FROM read_parquet('matesrun://metrics.parquet')")
+    markers = [json.loads(run_store.read_bytes("stages", str(s), "_SUCCESS")) for s in stages]
+    con.register("_stage_markers", _markers_table(markers))
+    con.execute("CREATE VIEW stages AS SELECT * FROM _stage_markers")
+    con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+def _markers_table(markers: list[dict]):
+    import pyarrow as pa
+
+    keys = ["stage", "method", "selected", "candidates", "curation_seconds"]
+    return pa.table({k: [m.get(k) for m in markers] for k in keys}) if markers else \
+        pa.table({"stage": pa.array([], pa.int64()), "method": pa.array([], pa.string())})
+
+
+def query(run_url: str, sql: str, data_url: str | None = None):
+    """Run one SQL statement over the run's views; an Arrow table back, errors as MatesError."""
+    con = open_run(run_url, data_url)
+    try:
+        relation = con.sql(sql)
+        return relation.to_arrow_table() if relation is not None else None
+    except duckdb.Error as exc:
+        message = str(exc)
+        if "read-only" in message or "disabled by configuration" in message or "locked" in message:
+            raise MatesError("`SQL` tried to write or reconfigure; `mates query` is read-only.") from exc
+        raise MatesError(f"`SQL` failed: {message.strip().splitlines()[0]}") from exc
+    finally:
+        con.close()
