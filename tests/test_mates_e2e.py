@@ -53,3 +53,52 @@ def test_mates_index_holds_exactly_the_selection(mates_run, tmp_path):
     chosen = selection.filter(selection.column("selected"))
     assert sorted(int(dataset[i]["sample_id"]) for i in range(len(dataset))) == \
         sorted(chosen.column("sample_id").to_pylist())
+
+
+# ---------------------------------------------------------------- mates query over s3://
+def test_query_source_mix_over_s3(mates_run, s3_pool):
+    run, _ = mates_run
+    sql = ("SELECT stage, s.source, count(*) AS n FROM selection JOIN samples s USING (sample_id) "
+           "WHERE selected GROUP BY ALL ORDER BY stage, source")
+    result = mates("query", run, sql, "--csv", "-")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == '"stage","source","n"'
+    got = {(int(s), src.strip('"')): int(n) for s, src, n in (line.split(",") for line in lines[1:])}
+    catalog = read_parquet(s3_pool, "catalog", "samples.parquet")
+    source = dict(zip(catalog.column("sample_id").to_pylist(), catalog.column("source").to_pylist()))
+    for stage in (0, 1):
+        sel = read_parquet(join(run, "stages", str(stage)), "selection.parquet")
+        expected: dict = {}
+        for sid, chosen in zip(sel.column("sample_id").to_pylist(), sel.column("selected").to_pylist()):
+            if chosen:
+                expected[(stage, source[sid])] = expected.get((stage, source[sid]), 0) + 1
+        assert {k: v for k, v in got.items() if k[0] == stage} == expected
+
+
+def test_query_is_read_only(mates_run):
+    run, _ = mates_run
+    before = sorted(store_for(run).walk_files())
+    for sql in ["COPY (SELECT 1 AS x) TO 'matesrun://evil.parquet'",
+                "COPY (SELECT 1 AS x) TO 'matesdata://evil.parquet'",
+                "COPY (SELECT 1 AS x) TO '/tmp/mates-evil.csv'",
+                "SET disabled_filesystems = ''"]:
+        result = mates("query", run, sql)
+        assert result.returncode == 2 and "read-only" in result.stderr, (sql, result.stderr)
+    assert sorted(store_for(run).walk_files()) == before
+
+
+def test_query_hides_uncommitted_stage(tmp_path):
+    import pyarrow as pa
+
+    from schemas.storage import write_parquet
+
+    run = str(tmp_path / "run")
+    store_for(run).write_bytes(b"data: /nowhere\nrun: /nowhere\n", "recipe.yaml")
+    table = pa.table({"sample_id": [1, 2], "bucket": ["b000", ""], "weight": [1.0, 0.0], "selected": [True, False]})
+    write_parquet(table, run, "stages", "0", "selection.parquet")
+    write_parquet(table, run, "stages", "1", "selection.parquet")
+    store_for(run).write_bytes(b'{"stage": 0, "method": "random"}', "stages", "0", "_SUCCESS")
+    result = mates("query", run, "SELECT stage, count(*) AS n FROM selection GROUP BY stage", "--csv", "-")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[1:] == ["0,2"]  # stage 1 has no _SUCCESS
