@@ -36,6 +36,7 @@ class IngestConfig:
     max_docs: Optional[int] = None    # cap on documents read (None = all)
     shard_size_limit: int = 1 << 22   # bytes per MDS shard before a new one starts
     batch_docs: int = 1000            # documents tokenized per batch
+    max_doc_chars: int = 10_000_000   # a longer document is refused (a dump, not a document)
 
 
 @dataclass(kw_only=True)

@@ -143,7 +143,11 @@ def _commit_recipe(recipe: Recipe) -> None:
     text = dump_recipe(recipe)
     if store.exists("recipe.yaml"):
         saved = load_recipe(store.read_bytes("recipe.yaml").decode())
-        if dump_recipe(saved) != text:
+
+        def settings(r: Recipe) -> dict:  # a run copied or moved elsewhere is the same run
+            return r.to_dict() | {"run": None, "save_folder": None}
+
+        if settings(saved) != settings(recipe):
             raise MatesError(f"`run` {recipe.run!r} already holds a run of another recipe; choose a new "
                              f"`run` URL (or delete that folder).")
         return
@@ -275,7 +279,7 @@ def curate_stage(run_url: str, stage: int, *, force: bool = False, log=print) ->
     store = store_for(run_url)
     if not store.exists("recipe.yaml"):
         raise MatesError(f"`--run` {run_url!r} holds no recipe.yaml; start it with `mates run`.")
-    recipe = load_recipe(store.read_bytes("recipe.yaml").decode())
+    recipe = load_recipe(store.read_bytes("recipe.yaml").decode(), {"run": run_url})  # it may have moved
     if not 0 <= stage < recipe.stages.count:
         raise MatesError(f"`--stage` must be in [0, {recipe.stages.count - 1}]; got {stage}.")
     ctx = RunContext(recipe, log)

@@ -60,6 +60,14 @@ class IngestSummary:
         return asdict(self) | {"tokens_per_s": self.tokens_per_s}
 
 
+def _checked(docs: Iterator[dict], max_chars: int) -> Iterator[dict]:
+    for doc in docs:
+        if len(doc["text"]) > max_chars:
+            raise MatesError(f"document `{doc['id']}` has {len(doc['text']):,} characters; "
+                             f"`ingest.max_doc_chars` is {max_chars:,}. Split it or raise the limit.")
+        yield doc
+
+
 def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
     batch = []
     for doc in docs:
@@ -175,7 +183,9 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     if store.exists("_SUCCESS") and not force:
         raise MatesError(f"`data` {data_url!r} already holds an ingested pool; pass --force to "
                          f"replace it (runs that read it will no longer match).")
-    docs = lambda: read_documents(input_url, default_source)  # noqa: E731 (read twice: train, then slice)
+    def docs():  # read twice: once to train the tokenizer, once to slice
+        return _checked(read_documents(input_url, default_source), cfg.max_doc_chars)
+
     references = _read_reference(reference_url) if reference_url else {}
     if tokenizer_cfg.path:
         tok = tokmod.load_tokenizer_file(tokenizer_cfg.path)
