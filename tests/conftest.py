@@ -92,3 +92,14 @@ def s3_pool(micro_corpus, s3_server):
     ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
            reference_url=os.path.join(micro_corpus, "reference"))
     return data
+
+
+@pytest.fixture(scope="session")
+def clean_run(s3_pool, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-clean")
+    run = "s3://mates-run-clean/run"
+    result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result

@@ -18,17 +18,6 @@ def run_micro(data: str, run: str, *extra: str):
     return mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run}", *extra)
 
 
-@pytest.fixture(scope="module")
-def clean_run(s3_pool, s3_server):
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-clean")
-    run = "s3://mates-run-clean/run"
-    result = run_micro(s3_pool, run)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, result
-
-
 def test_run_writes_the_design_layout(clean_run):
     run, result = clean_run
     store = store_for(run)

@@ -44,7 +44,9 @@ def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuf
     from streaming import Stream, StreamingDataset
 
     _clean_shared_memory()
-    stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop) for url, prop in streams]
+    # Object stores fail transiently (500/503, resets); streaming retries each shard download.
+    stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop, download_retry=6)
+                   for url, prop in streams]
     return StreamingDataset(streams=stream_objs, batch_size=batch_size, shuffle=shuffle,
                             shuffle_seed=seed, epoch_size=epoch_size, replication=None,
                             allow_unsafe_types=False)
