@@ -41,7 +41,8 @@ def collate_samples(samples: list[dict], pad_id: int, length: int | None = None)
 
 def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example summed next-token loss and counted tokens: ([B], [B])."""
-    shift_logits = logits[:, :-1, :].float()                   # [B, L-1, V]
+    # at least fp32 (bf16 logits lose the loss), but keep float64 when the caller uses it
+    shift_logits = logits[:, :-1, :].to(torch.promote_types(logits.dtype, torch.float32))  # [B, L-1, V]
     shift_labels = labels[:, 1:]                               # [B, L-1]
     loss = torch.nn.functional.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
                                              ignore_index=IGNORE, reduction="none")  # [B, L-1]

@@ -9,9 +9,11 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from curation import probing
 from curation.batching import ReferenceSet
 from curation.probe_bench import bench_probe, toy_probe_state, toy_samples
-from curation.probing import (OracleProber, model_from_state, probe_influence, slow_reference_influence)
+from curation.probing import (OracleProber, model_from_state, probe_influence, probe_state_from_optimizer,
+                              slow_reference_influence)
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
@@ -115,8 +117,11 @@ def _one_token_reference() -> ReferenceSet:
     return ReferenceSet(tables.conform(table, tables.REFERENCE), pad_id=0, batch_size=1)
 
 
-def test_chunking_and_progress(state, reference, samples, exact64, progress_seen):
+def test_chunking_and_progress(state, reference, samples, exact64, progress_seen, monkeypatch):
+    """Chunk sizes change nothing: probe chunks, and several probes per vmapped reference forward
+    (what a GPU does; a CPU evaluates one parameter set at a time)."""
     assert progress_seen == [5, 5, 2]
+    monkeypatch.setitem(probing.LOGIT_BUDGET, "cpu", 2 ** 30)
     one_chunk = probe_influence(state, reference, samples[:6], method="exact", probe_batch=6, pad_id=0,
                                 dtype=torch.float64)
     np.testing.assert_allclose(exact64[:6], one_chunk, rtol=1e-9, atol=1e-12)
@@ -134,6 +139,13 @@ def test_probe_state_roundtrip_and_model_rebuild(state, tmp_path):
     model = model_from_state(params_only, "cpu")
     assert model.lm_head.weight is model.transformer.wte.weight
     assert torch.equal(model(input_ids=ids).logits, want)
+
+
+def test_probe_state_from_optimizer_refuses_other_optimizers():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(MatesError, match="`optimizer` must be"):
+        probe_state_from_optimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), grad_clip_norm=1.0,
+                                   stage=1)
 
 
 def test_gpt_neox_exact_matches_slow(reference, samples):

@@ -35,6 +35,7 @@ from curation.data.ingest import read_pool_marker
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.index_writer import read_stage_streams, stage_committed, stage_url
 from curation.methods.base import StageContext
+from curation.probing import probe_state_from_optimizer
 from curation.stage_job import candidate_pools, n_selected, run_stage_job
 from schemas import tables
 from schemas.errors import MatesError
@@ -54,7 +55,7 @@ def state_name(stage: int) -> str:
     return f"stage-{stage}-state.pt"
 
 
-# ---------------------------------------------------------------- optimizer state <-> plain tensors
+# ---------------------------------------------------------------- optimizer, scheduler, state
 def build_optimizer(lm: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     o = recipe.optimizer
     return torch.optim.AdamW(lm.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
@@ -73,33 +74,16 @@ def build_scheduler(recipe: Recipe):
     return CosineAnnealingWithWarmupScheduler(t_warmup=f"{s.t_warmup}ba", t_max=total, alpha_f=s.alpha_f)
 
 
-def export_state(lm, optimizer, recipe: Recipe, *, stage: int, timestamp: dict) -> dict:
-    """The probe-state dict (schemas/probe_state.py) of a trained model and its AdamW."""
-    names = {id(p): n for n, p in lm.named_parameters()}
-    exp_avg, exp_avg_sq, step = {}, {}, {}
-    for p, st in optimizer.state.items():
-        if st:
-            exp_avg[names[id(p)]] = st["exp_avg"].detach().cpu().clone()
-            exp_avg_sq[names[id(p)]] = st["exp_avg_sq"].detach().cpu().clone()
-            step[names[id(p)]] = float(st["step"])
-    group = optimizer.param_groups[0]
-    return {"stage": stage, "model_type": recipe.model.name, "model_config": lm.config.to_dict(),
-            "model": {k: v.detach().cpu().clone() for k, v in lm.state_dict().items()},
-            "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq, "step": step, "timestamp": timestamp,
-            "hparams": {"lr": float(group["lr"]), "betas": [float(b) for b in group["betas"]],
-                        "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
-                        "grad_clip_norm": float(recipe.grad_clip_norm), "decoupled": False}}
-
-
 def restore_state(lm, optimizer, state: dict) -> None:
-    """Load weights and AdamW moments saved by `export_state` into a fresh model/optimizer."""
+    """Load weights and AdamW moments of a state file into a fresh model and optimizer."""
     lm.load_state_dict(state["model"])
     device = next(lm.parameters()).device
     for name, p in lm.named_parameters():
         if name in state["exp_avg"]:
+            # clones: AdamW updates its moments in place, and the loaded state must stay as saved
             optimizer.state[p] = {"step": torch.tensor(state["step"][name]),
-                                  "exp_avg": state["exp_avg"][name].to(device),
-                                  "exp_avg_sq": state["exp_avg_sq"][name].to(device)}
+                                  "exp_avg": state["exp_avg"][name].to(device, copy=True),
+                                  "exp_avg_sq": state["exp_avg_sq"][name].to(device, copy=True)}
 
 
 # ---------------------------------------------------------------- run set-up
@@ -214,8 +198,9 @@ def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
         trained["trainer"].save_checkpoint(path)
         if dist_utils.rank() == 0:
             ctx.ckpt_store.put_file(path, f"stage-{stage}.pt")
-            state = export_state(trained["lm"], trained["optimizer"], ctx.recipe, stage=stage,
-                                 timestamp=trained["timestamp"])
+            state = probe_state_from_optimizer(trained["lm"], trained["optimizer"], stage=stage,
+                                               grad_clip_norm=ctx.recipe.grad_clip_norm)
+            state["timestamp"] = trained["timestamp"]  # where the next stage's schedule resumes
             save_probe_state(state, ctx.recipe.checkpoint_url, state_name(stage))
 
 
