@@ -109,16 +109,51 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
     return result
 
 
-def bench_probe(recipe, *, out=None, log=print) -> dict:
-    from curation.probe_bench import bench_probe_demo
+def bench_probe(recipe, *, out=None, log=print, n_probes: int = 64, n_reference: int = 64) -> dict:
+    """probes/s of exact and first_order next to the slow baseline, same samples, same run.
 
-    return bench_probe_demo(recipe, log=log)
+    The model has the recipe's sizes and AdamW moments from a few steps; reference and probes are
+    random token sequences of the recipe's length (speed does not depend on which tokens).
+    """
+    import torch
+
+    from curation.probe_bench import bench_probe as run, toy_probe_state, toy_reference, toy_samples
+
+    m, seq = recipe.model, recipe.ingest.seq_len
+    vocab = recipe.tokenizer.vocab_size
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    log(f"bench probe: {m.name} d={m.d_model} L={m.n_layers} seq={seq} vocab={vocab}, "
+        f"{n_reference} reference sequences, {n_probes} probes on {device}")
+    state = toy_probe_state(m, vocab)
+    reference = toy_reference(n_reference, seq, vocab)
+    samples = toy_samples(n_probes, vocab, min_len=seq // 2, max_len=seq)
+    return run(state, reference, samples, pad_id=0, device=device, probe_batch=16)
 
 
-def bench_score(recipe, *, out=None, log=print) -> dict:
+def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:
+    """Pool-scoring samples/s (MDS -> text -> MiniLM -> score) next to the bare encoder forward."""
+    import numpy as np
+    import torch
+
+    from curation.data.ingest import ingest
+    from curation.data.tokenizer import load_pool_tokenizer
+    from curation.influence_model import InfluenceModel
     from curation.scoring import bench_score as run
 
-    return run(recipe, log=log)
+    opts = recipe.method_options if hasattr(recipe.method_options, "encoder_layers") else None
+    from schemas.recipe import MatesOptions
+    opts = opts or MatesOptions()
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = _demo_corpus(out or tmp, recipe.seed, max_per_source=300)
+        data = os.path.join(out or tmp, "bench-score-data")
+        ingest(os.path.join(corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+               force=True)
+        model = InfluenceModel(layers_kept=opts.encoder_layers, max_len=opts.encoder_max_len)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        log(f"bench score: MiniLM {opts.encoder_layers} layers, max_len {opts.encoder_max_len}, "
+            f"{n_samples} samples on {device}")
+        return run(model, os.path.join(data, "pool"), np.arange(n_samples), load_pool_tokenizer(data),
+                   batch_size=opts.batch_size * 4, device=device)
 
 
 def dump(result: dict) -> str:
