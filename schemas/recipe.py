@@ -111,7 +111,20 @@ class MatesOptions:
     freeze_word_embeddings: bool = True  # keep MiniLM's 30522x384 token table fixed (see fit)
 
 
-METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions}
+@dataclass(kw_only=True)
+class GroupMatesOptions(MatesOptions):
+    n_trajectories: int = 32          # oracle trajectories of sequential one-step updates
+    trajectory_length: int = 10       # T (authors: 10)
+    relational_epochs: int = 200
+    relational_lr: float = 1e-2
+    n_clusters: int = 8               # spherical k-means clusters over h(x)
+    quota_mode: Literal["size", "influence"] = "influence"
+    quota_temperature: float = 1.0    # for quota_mode=influence: softmax(-mean pred / T) x size
+    dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection
+
+
+METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions,
+                                   "group_mates": GroupMatesOptions}
 
 
 @dataclass(kw_only=True)
@@ -259,6 +272,13 @@ def _validate(recipe: Recipe) -> Recipe:
         _require(opts.probe_batch >= 1, "stages.options.probe_batch", ">= 1", opts.probe_batch)
         _require(1 <= opts.encoder_layers <= 6, "stages.options.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
+    if hasattr(opts, "n_clusters"):
+        for key in ("trajectory_length", "n_clusters", "relational_epochs"):
+            _require(getattr(opts, key) >= 1, f"stages.options.{key}", ">= 1", getattr(opts, key))
+        _require(opts.n_trajectories >= 10, "stages.options.n_trajectories",
+                 ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
+        _require(opts.quota_temperature > 0, "stages.options.quota_temperature", "> 0",
+                 opts.quota_temperature)
     _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}",
              m.n_heads)
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):

@@ -14,6 +14,7 @@ from schemas.errors import MatesError
 REGISTRY = {
     "random": "curation.methods.random_method:RandomMethod",
     "mates": "curation.methods.mates_method:MatesMethod",
+    "group_mates": "curation.methods.group_mates_method:GroupMatesMethod",
 }
 
 

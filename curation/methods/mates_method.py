@@ -34,16 +34,20 @@ def _split_url(url: str) -> tuple[str, str]:
 class MatesMethod(CurationMethod):
     name = "mates"
 
+    def oracle_inputs(self, ctx: StageContext, pad_id: int) -> tuple[dict, ReferenceSet]:
+        """The model state at this boundary and the reference set L_ref is measured on."""
+        if ctx.state_url is None:
+            raise MatesError(f"`{self.name}` needs a trained model state; stage 0 is always `random`.")
+        state = load_probe_state(*_split_url(ctx.state_url))
+        table = read_parquet(ctx.data_url, "reference", f"{ctx.options.reference}.parquet")
+        return state, ReferenceSet(table, pad_id, batch_size=16, limit=ctx.options.max_reference)
+
     def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x))."""
         from curation.probing import probe_influence
 
         opts = ctx.options
-        if ctx.state_url is None:
-            raise MatesError("`mates` needs a trained model state; stage 0 is always `random`.")
-        state = load_probe_state(*_split_url(ctx.state_url))
-        table = read_parquet(ctx.data_url, "reference", f"{opts.reference}.parquet")
-        reference = ReferenceSet(table, pad_id, batch_size=16, limit=opts.max_reference)
+        state, reference = self.oracle_inputs(ctx, pad_id)
         n = min(opts.n_probes, len(ctx.candidates))
         rng = np.random.default_rng([ctx.seed, ctx.stage, 31337])
         ids = np.sort(rng.choice(ctx.candidates, size=n, replace=False))
@@ -66,9 +70,27 @@ class MatesMethod(CurationMethod):
                 return InfluenceModel.from_pretrained(url)
         return None
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
+    def fit(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray, influence: np.ndarray):
+        """The MiniLM influence model on (text, I(x)), saved under the stage; returns it."""
         from curation.influence_model import fit_influence_model
-        from curation.scoring import pool_texts, score_samples
+        from curation.scoring import pool_texts
+
+        opts = ctx.options
+        t0 = time.perf_counter()
+        init = self.previous_model(ctx) if opts.warm_start else None
+        model, metrics = fit_influence_model(pool_texts(pool, ids, tokenizer), influence, options=opts,
+                                             seed=ctx.seed + ctx.stage, device=ctx.device, init=init,
+                                             freeze_word_embeddings=opts.freeze_word_embeddings,
+                                             log=lambda m: ctx.log(f"  {m}"))
+        model.save_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
+        ctx.timings["fit"] = time.perf_counter() - t0
+        ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
+        ctx.log(f"  influence model: held-out Spearman {metrics['val_spearman']:.3f} "
+                f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
+        return model
+
+    def predict(self, ctx: StageContext) -> np.ndarray:
+        from curation.scoring import score_samples
 
         opts = ctx.options
         pool = MDSFolder(join(ctx.data_url, "pool"))
@@ -81,17 +103,7 @@ class MatesMethod(CurationMethod):
         ctx.log(f"  probed {len(ids)} candidates ({opts.probe_method}): I(x) mean {influence.mean():+.5f} "
                 f"std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
 
-        t0 = time.perf_counter()
-        init = self.previous_model(ctx) if opts.warm_start else None
-        model, metrics = fit_influence_model(pool_texts(pool, ids, tokenizer), influence, options=opts,
-                                             seed=ctx.seed + ctx.stage, device=ctx.device, init=init,
-                                             freeze_word_embeddings=opts.freeze_word_embeddings,
-                                             log=lambda m: ctx.log(f"  {m}"))
-        model.save_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
-        ctx.timings["fit"] = time.perf_counter() - t0
-        ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
-        ctx.log(f"  influence model: held-out Spearman {metrics['val_spearman']:.3f} "
-                f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
+        model = self.fit(ctx, pool, tokenizer, ids, influence)
 
         t0 = time.perf_counter()
         pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=opts.batch_size * 4,

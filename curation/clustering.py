@@ -1,0 +1,252 @@
+"""Spherical k-means over L2-normalised embeddings (Group-MATES, DESIGN.md 2.4).
+
+Influence-aware clustering: points are grouped by cosine similarity of the influence model's
+embedding h(x), so each cluster holds points whose relational influence interacts most, and the
+greedy selection (`curation.group_select`) can run per cluster instead of over all N rows.
+
+* init: seeded k-means++ (D² sampling, D = 1 - cos) on a seeded subsample of at most
+  `max(32 k, 16384)` rows (exact k-means++ over all N would be k sequential passes over the data),
+  then, when N is large, refined by this same k-means on a seeded subsample of `warm_rows` rows
+  (default 64 k): full-data passes then start near a fixed point, so the bounds below prune early.
+* assignment: by cosine similarity, chunked matmul [chunk, D] @ [D, k] with a chunk of
+  `_CHUNK_ELEMS / k` rows, so the similarity block stays ~16 MB (1,000,000 x 384: the embeddings
+  plus ~60 MB).
+* update: centroid = normalised mean of its members.
+* empty clusters are re-seeded with the points farthest from their own centroid (deterministic).
+* stop after `max_iter` passes, or when no assignment changed (at most `tol` · N with `tol` > 0).
+
+Passes after the first are Lloyd passes pruned with distance bounds (exact, not approximate; in
+the spirit of Hamerly's and Elkan's algorithms). Per point: its own and second-nearest centroid,
+an upper bound u on the chord distance |x - c| to its own, a lower bound l to any other, and a
+lower bound l3 to any but those two. When centroids drift by δ, u grows by its own δ and l, l3
+shrink by the largest δ. Rows with u <= l cannot move and are skipped; the others get the exact
+distances to a short list: their own and second centroid (the points on the border of two
+clusters, typical of a topic split in two) and the k/16 centroids that drifted most (one jumping
+centroid would otherwise wreck every bound). When the best of these beats l3 (shrunk only by the
+largest drift outside the list) the row is settled; only the rest get all k similarities. Labels therefore equal plain Lloyd's (up to exact ties), at a fraction of the work
+once the centroids settle. Sums are kept incrementally (moved points only).
+
+The returned centroids are the normalised means of the returned labels. Everything is plain
+torch, so a CUDA `device` runs the same code (the init draws on the CPU for reproducibility).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from schemas.errors import MatesError
+
+_CHUNK_ELEMS = 1 << 22          # similarity block per chunk: 4M floats = 16 MB
+_NORM_TOL = 1e-3                # rows whose norm is within this of 1 are used as they are
+_SLACK = 1e-5                   # float32 margin: a bound must win by this much to skip a point
+
+
+def _normalised(emb: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`emb` itself when its rows are already unit norm (no 1.5 GB copy at 1M x 384), else a copy."""
+    if emb.dtype == torch.float32:
+        if all(((emb[i:i + chunk].norm(dim=1) - 1).abs() <= _NORM_TOL).all().item()
+               for i in range(0, emb.shape[0], chunk)):
+            return emb
+    out = torch.empty(emb.shape, dtype=torch.float32, device=emb.device)
+    for i in range(0, emb.shape[0], chunk):
+        out[i:i + chunk] = torch.nn.functional.normalize(emb[i:i + chunk].float(), dim=1)
+    return out
+
+
+def _kmeans_pp(sample: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """k-means++ seeds [k, D] from `sample` [m, D] (CPU, float32, unit rows)."""
+    m = sample.shape[0]
+    chosen = torch.empty(k, dtype=torch.long)
+    chosen[0] = torch.randint(m, (1,), generator=gen)
+    dist = (1 - sample @ sample[chosen[0]]).clamp_(min=0)           # [m] 1 - cos to nearest seed
+    dist[chosen[0]] = 0
+    for j in range(1, k):
+        total = dist.sum()
+        if total.item() > 0:
+            pick = torch.multinomial(dist / total, 1, generator=gen)
+        else:   # every remaining point duplicates a seed: draw uniformly among the unchosen
+            free = torch.ones(m, dtype=torch.bool)
+            free[chosen[:j]] = False
+            pick = torch.multinomial(free.float(), 1, generator=gen)
+        chosen[j] = pick[0]
+        torch.minimum(dist, (1 - sample @ sample[chosen[j]]).clamp_(min=0), out=dist)
+        dist[chosen[j]] = 0
+    return sample[chosen].clone()                                   # [k, D]
+
+
+def init_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """The seeded k-means++ start [k, D] (CPU) that `spherical_kmeans` uses for unit rows `x`."""
+    n = x.shape[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    m = min(n, max(32 * k, 16384))
+    rows = torch.randperm(n, generator=gen)[:m].sort().values if m < n else torch.arange(n)
+    return _kmeans_pp(x[rows.to(x.device)].to("cpu", torch.float32), k, gen)
+
+
+def _chord(cos: torch.Tensor) -> torch.Tensor:
+    """|x - c| for unit vectors from their cosine."""
+    return (2 - 2 * cos).clamp_(min=0).sqrt_()
+
+
+def _nearest_three(xc: torch.Tensor, centroids: torch.Tensor):
+    """Labels of the nearest and second nearest centroid [c], [c]; distances to 1st, 2nd, 3rd [c] x 3."""
+    sims = xc @ centroids.T                                         # [c, k]
+    top = sims.topk(min(3, centroids.shape[0]), dim=1)
+    far = torch.full((len(xc),), float("inf"), device=xc.device)
+    second = top.indices[:, 1] if sims.shape[1] > 1 else top.indices[:, 0]
+    d = _chord(top.values)                                          # [c, <=3]
+    return (top.indices[:, 0], second, d[:, 0], d[:, 1] if d.shape[1] > 1 else far,
+            d[:, 2] if d.shape[1] > 2 else far)
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device):
+    # index_add_ over [k, D] rows is ~25x slower with OpenMP threads than with one on a busy CPU.
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _move(labels, sums, counts, idx, new_labels, xc) -> int:
+    """Give rows `idx` (embeddings `xc`) their `new_labels`, keeping sums and counts; how many moved."""
+    moved = torch.nonzero(new_labels != labels[idx]).flatten()
+    if len(moved):
+        old, new, xm = labels[idx[moved]], new_labels[moved], xc[moved]
+        with _one_thread(sums.device):
+            sums.index_add_(0, new, xm)
+            sums.index_add_(0, old, xm, alpha=-1)
+        k = counts.shape[0]
+        counts += torch.bincount(new, minlength=k) - torch.bincount(old, minlength=k)
+        labels[idx[moved]] = new
+    return len(moved)
+
+
+def _pruned_pass(rows, centroids, drift, st: dict, chunk: int) -> tuple[int, int, int]:
+    """One assignment pass after the centroids moved by `drift` [k]: (changed, checked, full rows).
+
+    Rows whose bounds rule out any move are skipped. The others get exact distances to a short
+    list: their own and second-nearest centroid and the k/16 centroids that moved most ("hot",
+    whose drift would otherwise wreck every bound); when the best of these beats the bound on all
+    the rest, the row is settled; otherwise it gets all k similarities.
+    """
+    labels, second, upper, lower, lower3 = st["labels"], st["second"], st["upper"], st["lower"], st["lower3"]
+    k = len(drift)
+    order = drift.argsort(descending=True)
+    n_hot = max(1, k // 16)
+    hot = order[:n_hot]                                              # [h]
+    tau = drift[order[n_hot]] if n_hot < k else drift.new_zeros(())  # largest drift not hot
+    upper += drift[labels]
+    lower -= torch.where(labels == order[0], drift[order[1]], drift[order[0]])   # vs any other
+    rest = lower3 - tau                      # [N] vs any but own, second and the hot ones
+    lower3 -= drift[order[0]]                # [N] vs any but own and second (rows skipped below)
+    suspects = torch.nonzero(upper > lower - _SLACK).flatten()
+    changed = n_checked = n_full = 0
+    for j in range(0, len(suspects), chunk):
+        idx = suspects[j:j + chunk]
+        xc = rows(idx)                                               # [c, D]
+        own, sec = labels[idx], second[idx]
+        short = torch.cat([own[:, None], sec[:, None], hot.expand(len(idx), -1)], dim=1)   # [c, 2 + h]
+        d = torch.cat([(xc * centroids[own]).sum(dim=1, keepdim=True),
+                       (xc * centroids[sec]).sum(dim=1, keepdim=True), xc @ centroids[hot].T], dim=1)
+        d = _chord(d)                                                # [c, 2 + h] exact distances
+        d[:, 2:][(hot[None, :] == own[:, None]) | (hot[None, :] == sec[:, None])] = float("inf")
+        best = d.topk(3, dim=1, largest=False)
+        settled = best.values[:, 0] <= rest[idx] - _SLACK
+        a = torch.nonzero(settled).flatten()
+        if len(a):
+            ia, pick = idx[a], best.indices[a]
+            changed += _move(labels, st["sums"], st["counts"], ia, short[a].gather(1, pick[:, :1]).flatten(), xc[a])
+            second[ia] = short[a].gather(1, pick[:, 1:2]).flatten()
+            upper[ia] = best.values[a, 0]
+            lower[ia] = torch.minimum(best.values[a, 1], rest[ia])
+            lower3[ia] = torch.minimum(best.values[a, 2], rest[ia])
+            n_checked += len(a)
+        b = torch.nonzero(~settled).flatten()
+        if len(b):
+            ib, xb = idx[b], xc[b]
+            new, second[ib], upper[ib], lower[ib], lower3[ib] = _nearest_three(xb, centroids)
+            changed += _move(labels, st["sums"], st["counts"], ib, new, xb)
+            n_full += len(b)
+    return changed, n_checked, n_full
+
+
+def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20,
+                     device: str | torch.device = "cpu", tol: float = 0.0, warm_rows: int | None = None,
+                     stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cluster the rows of `emb` [N, D] by cosine similarity: (labels [N] int32, centroids [k, D]).
+
+    `tol` stops early once at most that fraction of the N assignments changed in a pass (0: stop
+    only when none changed). `warm_rows` (default 64 k; 0 = off) is the subsample that refines the
+    k-means++ start; it is skipped when it would exceed N / 4. `stats`, when given, receives
+    `iterations` (full-data passes), `changed_last`, `reseeded`, `warm_rows`, `warm_iterations`, and
+    per pass `changed`, `checked_rows` (settled by own and second centroid) and `full_rows` (given
+    all k similarities). Both outputs live on `device`.
+    """
+    if emb.dim() != 2 or emb.shape[0] == 0:
+        raise MatesError(f"`emb` must be a non-empty [N, D] matrix; got shape {tuple(emb.shape)}.")
+    n, dim = emb.shape
+    if not 1 <= k <= n:
+        raise MatesError(f"`k` must be in [1, {n}] (the rows of `emb`); got {k}.")
+    if max_iter < 1:
+        raise MatesError(f"`max_iter` must be >= 1; got {max_iter}.")
+    if not 0 <= tol < 1:
+        raise MatesError(f"`tol` must be in [0, 1); got {tol}.")
+    device = torch.device(device)
+    chunk = max(256, _CHUNK_ELEMS // k)
+    x = _normalised(emb, chunk)                                     # [N, D] unit rows
+    warm = 64 * k if warm_rows is None else warm_rows
+    warm_stats: dict = {}
+    if 0 < warm <= n // 4:          # refine the start on a subsample (same seed, same algorithm)
+        gen = torch.Generator().manual_seed(int(seed) + 1)
+        sub = torch.randperm(n, generator=gen)[:warm].sort().values
+        _, centroids = spherical_kmeans(x[sub.to(x.device)], k, seed=seed, max_iter=max_iter, device=device,
+                                        tol=tol, warm_rows=0, stats=warm_stats)
+    else:
+        warm = 0
+        centroids = init_centroids(x, k, seed).to(device)          # [k, D]
+
+    def rows(index: torch.Tensor) -> torch.Tensor:                 # [c, D] on device
+        return x[index.to(x.device)].to(device, torch.float32)
+
+    st = {"labels": torch.empty(n, dtype=torch.long, device=device),     # [N] own centroid
+          "second": torch.empty(n, dtype=torch.long, device=device),     # [N] second nearest
+          "upper": torch.empty(n, dtype=torch.float32, device=device),   # [N] >= |x - own|
+          "lower": torch.empty(n, dtype=torch.float32, device=device),   # [N] <= |x - any other|
+          "lower3": torch.empty(n, dtype=torch.float32, device=device),  # [N] <= |x - any but own, second|
+          "sums": torch.zeros(k, dim, dtype=torch.float32, device=device),  # [k, D]
+          "counts": torch.zeros(k, dtype=torch.long, device=device)}        # [k]
+    for i in range(0, n, chunk):                                    # pass 1: every row
+        xc = x[i:i + chunk].to(device, torch.float32)               # [c, D]
+        out = _nearest_three(xc, centroids)
+        for name, value in zip(("labels", "second", "upper", "lower", "lower3"), out):
+            st[name][i:i + chunk] = value
+        with _one_thread(device):
+            st["sums"].index_add_(0, out[0], xc)
+        st["counts"] += torch.bincount(out[0], minlength=k)
+    changed, reseeded, it = n, 0, 1
+    history = {"changed": [n], "checked_rows": [0], "full_rows": [n]}
+    while True:
+        new = torch.nn.functional.normalize(st["sums"], dim=1)      # [k, D] normalised means
+        empty = torch.nonzero(st["counts"] == 0).flatten()
+        if len(empty):      # re-seed with the points of largest distance bound (deterministic)
+            new[empty] = rows(torch.topk(st["upper"], len(empty)).indices)
+            reseeded += len(empty)
+        drift = (new - centroids).norm(dim=1)                       # [k] how far each centroid moved
+        centroids = new
+        if it == max_iter or k == 1 or (changed <= tol * n and not len(empty)):
+            break
+        it += 1
+        changed, checked, full = _pruned_pass(rows, centroids, drift, st, chunk)
+        for name, value in zip(history, (changed, checked, full)):
+            history[name].append(value)
+    if stats is not None:
+        stats.update(iterations=it, changed_last=changed, reseeded=reseeded, warm_rows=warm,
+                     warm_iterations=warm_stats.get("iterations", 0), **history)
+    return st["labels"].to(torch.int32), centroids

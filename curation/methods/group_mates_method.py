@@ -1,0 +1,124 @@
+"""`group_mates`: group-level influence with a relational model and influence-aware clustering
+(Group-MATES, DESIGN.md 2.4).
+
+At a stage boundary:
+  1. MATES first: one-step oracle probes and the MiniLM influence model, whose pooled,
+     L2-normalised state is the embedding h(x);
+  2. group oracle: random trajectories of T sequential one-step updates from the stage state,
+     the reference-loss increment after every step -> trajectories.parquet;
+  3. relational model θ_t = s_t·α·(1 − Σ_{i<t} h_i·h_t / (β(t−1))), s = w·h + b, fitted to the
+     z-scored increments (head initialised from the influence model) -> relational_model/;
+  4. every candidate scored: s(x) and h(x); spherical k-means over h; DuckDB drops exact
+     duplicates and sets per-cluster quotas; greedy selection within each cluster with the learned
+     α, β; each cluster is a bucket whose stream proportion is its quota's share.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.index_writer import stage_url
+from curation.methods.base import StageContext
+from curation.methods.mates_method import MatesMethod
+from curation.pool import MDSFolder
+from schemas.storage import join, write_parquet
+
+
+class GroupMatesMethod(MatesMethod):
+    name = "group_mates"
+
+    def group_oracle(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Random trajectories and their per-step oracle increments: ([n, T] ids, [n, T])."""
+        from curation.group_oracle import random_trajectories, run_trajectories, trajectories_table
+
+        opts = ctx.options
+        state, reference = self.oracle_inputs(ctx, pad_id)
+        rng = np.random.default_rng([ctx.seed, ctx.stage, 271828])
+        ids = random_trajectories(ctx.candidates, opts.n_trajectories, opts.trajectory_length, rng)
+        samples = [[pool[int(i)] for i in row] for row in ids]
+        increments = run_trajectories(state, reference, samples, pad_id=pad_id, device=ctx.device,
+                                      batch=opts.probe_batch)
+        write_parquet(trajectories_table(ids, increments, ctx.stage), stage_url(ctx.run_url, ctx.stage),
+                      "trajectories.parquet")
+        return ids, increments
+
+    def predict(self, ctx: StageContext) -> np.ndarray:
+        from curation.relational_model import fit_relational_model, head_from_influence_model
+        from curation.scoring import score_samples
+
+        opts = ctx.options
+        pool = MDSFolder(join(ctx.data_url, "pool"))
+        tokenizer = load_pool_tokenizer(ctx.data_url)
+        pad_id = tokenizer.token_to_id(EOS)
+        t0 = time.perf_counter()
+        ids, influence = self.probe(ctx, pool, pad_id)
+        ctx.timings["probe"] = time.perf_counter() - t0
+        ctx.log(f"  probed {len(ids)} candidates: I(x) mean {influence.mean():+.5f} std {influence.std():.5f}")
+        model = self.fit(ctx, pool, tokenizer, ids, influence)
+
+        t0 = time.perf_counter()
+        traj_ids, increments = self.group_oracle(ctx, pool, pad_id)
+        ctx.timings["group_oracle"] = time.perf_counter() - t0
+        ctx.log(f"  group oracle: {traj_ids.shape[0]} trajectories x T={traj_ids.shape[1]} in "
+                f"{ctx.timings['group_oracle']:.1f} s")
+
+        t0 = time.perf_counter()
+        unique, inverse = np.unique(traj_ids, return_inverse=True)
+        _, emb_unique = score_samples(model, pool, unique, tokenizer, batch_size=opts.batch_size * 4,
+                                      device=ctx.device, with_embeddings=True)
+        traj_emb = np.asarray(emb_unique)[inverse.reshape(traj_ids.shape)]          # [n, T, D]
+        relational, metrics = fit_relational_model(
+            traj_emb, increments, epochs=opts.relational_epochs, lr=opts.relational_lr,
+            seed=ctx.seed + ctx.stage, init_head=head_from_influence_model(model), device=ctx.device,
+            log=lambda m: None)
+        relational.save(join(stage_url(ctx.run_url, ctx.stage), "relational_model"))
+        ctx.timings["relational_fit"] = time.perf_counter() - t0
+        ctx.metrics.update({f"curation/relational/{k}": v for k, v in metrics.items()})
+        ctx.log(f"  relational model: held-out Spearman {metrics['val_spearman']:.3f}, "
+                f"alpha {relational.alpha:.3f}, beta {relational.beta:.3f}")
+
+        t0 = time.perf_counter()
+        _, emb = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=opts.batch_size * 4,
+                               device=ctx.device, with_embeddings=True)
+        self.embeddings = torch.as_tensor(np.asarray(emb), dtype=torch.float32)      # [N, D]
+        with torch.no_grad():
+            scores = relational.individual(self.embeddings.to(next(relational.parameters()).device))
+        self.alpha, self.beta = relational.alpha, relational.beta
+        ctx.timings["score"] = time.perf_counter() - t0
+        return scores.double().cpu().numpy()
+
+    def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
+        from curation import metadata
+        from curation.clustering import spherical_kmeans
+        from curation.group_select import select_per_cluster
+
+        opts = ctx.options
+        t0 = time.perf_counter()
+        k = max(1, min(opts.n_clusters, len(pred)))
+        labels, _ = spherical_kmeans(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
+        labels = labels.cpu().numpy().astype(np.int32)
+        self.clusters = labels
+        scores = pa.table({"sample_id": ctx.candidates.astype(np.int64), "prediction": pred,
+                           "cluster": labels})
+        catalog = join(ctx.data_url, "catalog", "samples.parquet")
+        con = metadata.connect(catalog)
+        eligible = labels.copy()
+        if opts.dedup:  # a duplicate's copies are dropped: label -1 is never selected
+            kept = set(metadata.dedup(con, scores, catalog).column("sample_id").to_pylist())
+            eligible[[sid not in kept for sid in ctx.candidates.tolist()]] = -1
+            ctx.metrics["curation/group/duplicates_dropped"] = int((eligible == -1).sum())
+        pool_rows = scores.filter(pa.array(eligible >= 0))
+        budget = min(ctx.n_select, pool_rows.num_rows)
+        quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
+                                         temperature=opts.quota_temperature)
+        mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
+                                  alpha=self.alpha, beta=self.beta)
+        ctx.timings["cluster_select"] = time.perf_counter() - t0
+        ctx.log(f"  clustered into {k}, selected {int(mask.sum())} by greedy group selection "
+                f"(quotas: {opts.quota_mode}) in {ctx.timings['cluster_select']:.1f} s")
+        candidates = pa.table({"sample_id": ctx.candidates.astype(np.int64), "cluster": labels})
+        return metadata.selection_table(con, candidates, mask)
