@@ -102,3 +102,54 @@ def test_query_hides_uncommitted_stage(tmp_path):
     result = mates("query", run, "SELECT stage, count(*) AS n FROM selection GROUP BY stage", "--csv", "-")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[1:] == ["0,2"]  # stage 1 has no _SUCCESS
+
+
+# ---------------------------------------------------------------- group_mates end to end
+GROUP_OPTIONS = ("stages.options={n_probes: 48, probe_batch: 16, encoder_layers: 1, encoder_max_len: 64, "
+                 "epochs: 2, max_reference: 16, n_trajectories: 12, trajectory_length: 4, "
+                 "relational_epochs: 50, n_clusters: 4}")
+
+
+@pytest.fixture(scope="module")
+def group_run(s3_pool, s3_server):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-group")
+    run = "s3://mates-run-group/run"
+    result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
+                   "--set", "stages.method=group_mates", "--set", GROUP_OPTIONS)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run, result
+
+
+def test_group_mates_writes_trajectories_clusters_and_reweighted_streams(group_run, tmp_path):
+    from streaming import Stream, StreamingDataset
+
+    run, result = group_run
+    stage = join(run, "stages", "1")
+    traj = read_parquet(stage, "trajectories.parquet")
+    assert traj.num_rows == 12 * 4 and sorted(set(traj.column("step").to_pylist())) == [1, 2, 3, 4]
+    assert store_for(stage).exists("relational_model", "relational_model.json")
+    scores = read_parquet(stage, "scores", "part-00000.parquet")
+    assert set(scores.column("cluster").to_pylist()) == {0, 1, 2, 3}
+    manifest = json.loads(store_for(stage).read_bytes("index", "streams.json"))
+    assert manifest["method"] == "group_mates"
+    assert {s["name"] for s in manifest["streams"]} <= {"c000", "c001", "c002", "c003"}
+    assert abs(sum(s["proportion"] for s in manifest["streams"]) - 1) < 1e-9
+    selection = read_parquet(stage, "selection.parquet")
+    chosen = selection.filter(selection.column("selected"))
+    assert chosen.num_rows == 200  # the quotas sum to the stage budget
+    for s in manifest["streams"]:  # each bucket's proportion is its quota's share of the budget
+        assert abs(s["proportion"] - s["samples"] / 200) < 1e-9
+    dataset = StreamingDataset(streams=[Stream(remote=s["remote"], local=str(tmp_path / s["name"]),
+                                               proportion=s["proportion"]) for s in manifest["streams"]],
+                               shuffle=False, batch_size=1)
+    assert sorted(int(dataset[i]["sample_id"]) for i in range(len(dataset))) == \
+        sorted(chosen.column("sample_id").to_pylist())
+    assert "relational model: held-out Spearman" in result.stderr
+
+
+def test_query_group_views_over_s3(group_run):
+    run, _ = group_run
+    result = mates("query", run, "SELECT count(*) AS n FROM trajectories", "--csv", "-")
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[1] == "48", result.stderr
