@@ -250,6 +250,18 @@ def _require(cond: bool, key: str, constraint: str, value) -> None:
         raise MatesError(f"`{key}` must be {constraint}; got {value!r}.")
 
 
+def _method_options(st: StagesConfig):
+    """`stages.options` is either the chosen method's options, or one block per method name
+    (`{mates: {...}, group_mates: {...}}`), so one recipe runs every method (`--set
+    stages.method=...`); every block is validated either way."""
+    blocks = st.options
+    if blocks and all(k in METHOD_OPTIONS for k in blocks):
+        for name, block in blocks.items():
+            build(METHOD_OPTIONS[name], block, f"stages.options.{name}")
+        return build(METHOD_OPTIONS[st.method], blocks.get(st.method), f"stages.options.{st.method}")
+    return build(METHOD_OPTIONS[st.method], blocks, "stages.options")
+
+
 def _validate(recipe: Recipe) -> Recipe:
     st, m = recipe.stages, recipe.model
     _require(st.count >= 1, "stages.count", ">= 1", st.count)
@@ -264,7 +276,7 @@ def _validate(recipe: Recipe) -> Recipe:
     if st.method not in METHOD_OPTIONS:
         raise MatesError(f"`stages.method` must be one of {', '.join(sorted(METHOD_OPTIONS))}; "
                          f"got {st.method!r}.")
-    recipe.method_options = build(METHOD_OPTIONS[st.method], st.options, "stages.options")
+    recipe.method_options = _method_options(st)
     opts = recipe.method_options
     _require(opts.temperature > 0, "stages.options.temperature", "> 0", opts.temperature)
     if hasattr(opts, "n_probes"):

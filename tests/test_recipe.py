@@ -80,3 +80,12 @@ def test_method_registry_matches_recipe_schema():
     from curation.methods import REGISTRY
 
     assert set(REGISTRY) == set(METHOD_OPTIONS)
+
+
+def test_per_method_option_blocks():
+    raw = {**BASE, "stages": {"method": "random", "options": {"mates": {"n_probes": 7}, "random": {}}}}
+    assert type(recipe_from_dict(raw).method_options).__name__ == "RandomOptions"
+    raw["stages"]["method"] = "mates"
+    assert recipe_from_dict(raw).method_options.n_probes == 7
+    raw["stages"]["options"]["mates"]["n_probs"] = 1
+    assert "`stages.options.mates.n_probs`" in error_of({"stages": raw["stages"]})
