@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import MatesError
+from schemas.stamps import read_stamped_json
 from schemas.storage import store_for
 
 FORMAT = "mates-influence-model"
@@ -172,19 +173,7 @@ class InfluenceModel(nn.Module):
         from safetensors.torch import load_file
 
         store = store_for(url)
-        if not store.exists(CONFIG_NAME):
-            raise MatesError(f"`{url}` has no {CONFIG_NAME}; not a saved influence model "
-                             f"(or its save did not finish).")
-        try:
-            config = json.loads(store.read_bytes(CONFIG_NAME))
-        except ValueError as exc:
-            raise MatesError(f"`{url}/{CONFIG_NAME}` is not JSON: {exc}") from exc
-        if not isinstance(config, dict) or config.get("format") != FORMAT:
-            raise MatesError(f"`{url}/{CONFIG_NAME}` has format {config.get('format') if isinstance(config, dict) else None!r}; "
-                             f"expected {FORMAT!r}.")
-        if config.get("version") != VERSION:
-            raise MatesError(f"`{url}` is {FORMAT} version {config.get('version')}; this mates reads "
-                             f"version {VERSION}. Refit the influence model.")
+        config = read_stamped_json(store, CONFIG_NAME, fmt=FORMAT, version=VERSION, what="influence model")
         missing = [k for k in ("layers_kept", "max_len", "label_mean", "label_std") if k not in config]
         if missing:
             raise MatesError(f"`{url}/{CONFIG_NAME}` lacks {', '.join(missing)}; the save is damaged, refit it.")

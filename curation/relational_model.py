@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from schemas.errors import MatesError
+from schemas.stamps import read_stamped_json
 from schemas.storage import store_for
 
 FORMAT = "mates-relational-model"
@@ -117,19 +118,7 @@ class RelationalInfluenceModel(nn.Module):
         from safetensors.torch import load
 
         store = store_for(url)
-        if not store.exists(CONFIG_NAME):
-            raise MatesError(f"`{url}` has no {CONFIG_NAME}; not a saved relational model "
-                             f"(or its save did not finish).")
-        try:
-            config = json.loads(store.read_bytes(CONFIG_NAME))
-        except ValueError as exc:
-            raise MatesError(f"`{url}/{CONFIG_NAME}` is not JSON: {exc}") from exc
-        seen = config.get("format") if isinstance(config, dict) else None
-        if seen != FORMAT:
-            raise MatesError(f"`{url}/{CONFIG_NAME}` has format {seen!r}; expected {FORMAT!r}.")
-        if config.get("version") != VERSION:
-            raise MatesError(f"`{url}` is {FORMAT} version {config.get('version')}; this mates reads "
-                             f"version {VERSION}. Refit the relational model.")
+        config = read_stamped_json(store, CONFIG_NAME, fmt=FORMAT, version=VERSION, what="relational model")
         try:
             tensors = load(store.read_bytes(WEIGHTS_NAME))
             model = cls(int(config["dim"]))

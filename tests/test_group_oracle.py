@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,49 +13,19 @@ import torch.nn.functional as F
 from curation.batching import IGNORE, ReferenceSet, collate_samples
 from curation.group_oracle import (random_trajectories, run_trajectories, trajectories_table,
                                    trajectory_arrays)
-from curation.probe_bench import toy_probe_state, toy_samples
 from curation.probing import model_from_state, probe_influence
 from curation.relational_model import RelationalInfluenceModel, fit_relational_model
 from schemas import tables
 from schemas.errors import MatesError
-from schemas.recipe import ModelConfig
 from schemas.trajectories import TRAJECTORIES
 
-VOCAB = 300
-MICRO = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro tensors gain nothing from intra-op threads on a shared 2-core box (see test_probing)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def state() -> dict:
-    return toy_probe_state(MICRO, VOCAB)
+from tests.oracle_fixtures import MICRO, VOCAB, one_thread, ragged_reference, rel_diff, samples, state  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def reference() -> ReferenceSet:
-    """Ragged lengths and LAMBADA-style target starts, as in test_probing."""
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(12, 33, 8)
-    table = pa.table({"input_ids": [rng.integers(1, VOCAB, n).tolist() for n in lengths],
-                      "target_start": [int(n) - int(rng.integers(1, 6)) for n in lengths]})
-    return ReferenceSet(tables.conform(table, tables.REFERENCE), pad_id=0, batch_size=5)
+    return ragged_reference(8)
 
-
-@pytest.fixture(scope="module")
-def samples() -> list[dict]:
-    return toy_samples(12, VOCAB, min_len=6, max_len=32)
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 # -- the slow reference: deepcopy-free but plainly sequential torch AdamW ------------------------
@@ -126,10 +95,10 @@ def test_batched_trajectories_match_sequential_torch_adamw(state, reference, sam
     fast = run_trajectories(state, reference, trajs, pad_id=0, batch=2, dtype=torch.float64)
     slow = np.stack([slow_trajectory(state, reference, tr) for tr in trajs])
     assert fast.shape == (3, 4) and np.abs(slow).max() > 1e-5
-    assert _rel(fast, slow) < 1e-5
+    assert rel_diff(fast, slow) < 1e-5
     # Sequential, not independent: a later step's increment is not x_t's one-step influence from theta_0.
     alone = probe_influence(state, reference, [tr[-1] for tr in trajs], pad_id=0, dtype=torch.float64)
-    assert _rel(fast[:, -1], alone) > 1e-3
+    assert rel_diff(fast[:, -1], alone) > 1e-3
 
 
 def test_fp32_trajectories_and_progress(state, reference, samples):
@@ -138,7 +107,7 @@ def test_fp32_trajectories_and_progress(state, reference, samples):
     fp32 = run_trajectories(state, reference, trajs, pad_id=0, batch=2, progress=seen.append)
     fp64 = run_trajectories(state, reference, trajs, pad_id=0, batch=3, dtype=torch.float64)
     assert seen == [2, 1] and fp32.dtype == np.float64
-    assert _rel(fp32, fp64) < 5e-3  # fp32 roundoff on differences of ~5.7-sized losses (seen 3e-4)
+    assert rel_diff(fp32, fp64) < 5e-3  # fp32 roundoff on differences of ~5.7-sized losses (seen 3e-4)
 
 
 def test_trajectory_errors_are_mates_errors(state, reference, samples):

@@ -12,16 +12,22 @@ MATES_OPTIONS = ("stages.options={n_probes: 64, probe_batch: 16, encoder_layers:
                  "epochs: 2, max_reference: 32, batch_size: 16}")
 
 
-@pytest.fixture(scope="module")
-def mates_run(s3_pool, s3_server):
+def method_run(s3_server: str, s3_pool: str, method: str, options: str):
+    """The micro recipe with `method` and `options`, in a fresh bucket; (run URL, CLI result)."""
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-mates")
-    run = "s3://mates-run-mates/run"
+    bucket = f"mates-run-{method.replace('_', '-')}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
+    run = f"s3://{bucket}/run"
     result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
-                   "--set", "stages.method=mates", "--set", MATES_OPTIONS)
+                   "--set", f"stages.method={method}", "--set", options)
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
+
+
+@pytest.fixture(scope="module")
+def mates_run(s3_pool, s3_server):
+    return method_run(s3_server, s3_pool, "mates", MATES_OPTIONS)
 
 
 def test_mates_stage_writes_probes_model_and_scores(mates_run):
@@ -112,14 +118,7 @@ GROUP_OPTIONS = ("stages.options={n_probes: 48, probe_batch: 16, encoder_layers:
 
 @pytest.fixture(scope="module")
 def group_run(s3_pool, s3_server):
-    import boto3
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-group")
-    run = "s3://mates-run-group/run"
-    result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
-                   "--set", "stages.method=group_mates", "--set", GROUP_OPTIONS)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run, result
+    return method_run(s3_server, s3_pool, "group_mates", GROUP_OPTIONS)
 
 
 def test_group_mates_writes_trajectories_clusters_and_reweighted_streams(group_run, tmp_path):

@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from curation import probing
 from curation.batching import ReferenceSet
-from curation.probe_bench import bench_probe, toy_probe_state, toy_samples
+from curation.probe_bench import bench_probe, toy_probe_state
 from curation.probing import (OracleProber, model_from_state, probe_influence, probe_state_from_optimizer,
                               slow_reference_influence)
 from schemas import tables
@@ -19,42 +19,13 @@ from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
 from schemas.recipe import ModelConfig
 
-VOCAB = 300
-MICRO = ModelConfig(d_model=32, n_layers=2, n_heads=2, max_seq_len=32)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Micro tensors gain nothing from intra-op threads, and on a shared 2-core box OpenMP spinning
-    made this module 20-40x slower; restored afterwards for the other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def state() -> dict:
-    return toy_probe_state(MICRO, VOCAB)
+from tests.oracle_fixtures import MICRO, VOCAB, one_thread, ragged_reference, rel_diff, samples, state  # noqa: F401
 
 
 @pytest.fixture(scope="module")
 def reference() -> ReferenceSet:
-    """Ragged lengths (padding inside reference batches) and LAMBADA-style target starts."""
-    rng = np.random.default_rng(7)
-    lengths = rng.integers(12, 33, 12)
-    table = pa.table({"input_ids": [rng.integers(1, VOCAB, n).tolist() for n in lengths],
-                      "target_start": [int(n) - int(rng.integers(1, 6)) for n in lengths]})
-    return ReferenceSet(tables.conform(table, tables.REFERENCE), pad_id=0, batch_size=5)
+    return ragged_reference(12)
 
-
-@pytest.fixture(scope="module")
-def samples() -> list[dict]:
-    return toy_samples(12, VOCAB, min_len=6, max_len=32)
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 def _with(state: dict, **hparams) -> dict:
@@ -80,13 +51,13 @@ def test_exact_matches_slow_baseline_float64(state, reference, samples, exact64)
     """
     slow = slow_reference_influence(state, reference, samples, pad_id=0, dtype=torch.float64)
     assert np.abs(slow).max() > 1e-5  # a real signal, not two zeros
-    assert _rel(exact64, slow) < 1e-5
+    assert rel_diff(exact64, slow) < 1e-5
 
 
 def test_first_order_ranks_like_exact(state, reference, samples, exact64):
     first = probe_influence(state, reference, samples, method="first_order", probe_batch=6, pad_id=0)
     assert spearmanr(first, exact64)[0] >= 0.8
-    assert _rel(first, exact64) < 0.5  # same scale too: a delta . grad, not just a correlated score
+    assert rel_diff(first, exact64) < 0.5  # same scale too: a delta . grad, not just a correlated score
 
 
 @pytest.mark.parametrize("hparams", [{"grad_clip_norm": 0.0}, {"grad_clip_norm": 0.05},
@@ -97,8 +68,8 @@ def test_clipping_and_weight_decay_are_applied(state, reference, samples, exact6
     few = samples[:4]
     slow = slow_reference_influence(varied, reference, few, pad_id=0, dtype=torch.float64)
     exact = probe_influence(varied, reference, few, method="exact", pad_id=0, dtype=torch.float64)
-    assert _rel(exact, slow) < 1e-5
-    assert _rel(exact64[:4], exact) > 1e-3
+    assert rel_diff(exact, slow) < 1e-5
+    assert rel_diff(exact64[:4], exact) > 1e-3
 
 
 def test_default_clip_is_active(state, samples):
@@ -153,7 +124,7 @@ def test_gpt_neox_exact_matches_slow(reference, samples):
                            VOCAB, train_steps=3)
     slow = slow_reference_influence(neox, reference, samples[:4], pad_id=0, dtype=torch.float64)
     exact = probe_influence(neox, reference, samples[:4], method="exact", pad_id=0, dtype=torch.float64)
-    assert _rel(exact, slow) < 1e-5
+    assert rel_diff(exact, slow) < 1e-5
 
 
 def test_user_errors_are_mates_errors(state, reference, samples):

@@ -20,7 +20,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.index_writer import stage_url
 from curation.methods.base import StageContext
 from curation.methods.mates_method import MatesMethod
@@ -51,14 +50,7 @@ class GroupMatesMethod(MatesMethod):
         from curation.scoring import score_samples
 
         opts = ctx.options
-        pool = MDSFolder(join(ctx.data_url, "pool"))
-        tokenizer = load_pool_tokenizer(ctx.data_url)
-        pad_id = tokenizer.token_to_id(EOS)
-        t0 = time.perf_counter()
-        ids, influence = self.probe(ctx, pool, pad_id)
-        ctx.timings["probe"] = time.perf_counter() - t0
-        ctx.log(f"  probed {len(ids)} candidates: I(x) mean {influence.mean():+.5f} std {influence.std():.5f}")
-        model = self.fit(ctx, pool, tokenizer, ids, influence)
+        model, pool, tokenizer, pad_id = self.influence_model(ctx)
 
         t0 = time.perf_counter()
         traj_ids, increments = self.group_oracle(ctx, pool, pad_id)

@@ -89,24 +89,24 @@ class MatesMethod(CurationMethod):
                 f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
         return model
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
-        from curation.scoring import score_samples
-
-        opts = ctx.options
+    def influence_model(self, ctx: StageContext):
+        """Steps 1 and 2: probe, then fit. Returns (model, pool, pool tokenizer, pad id)."""
         pool = MDSFolder(join(ctx.data_url, "pool"))
         tokenizer = load_pool_tokenizer(ctx.data_url)
         pad_id = tokenizer.token_to_id(EOS)
-
         t0 = time.perf_counter()
         ids, influence = self.probe(ctx, pool, pad_id)
         ctx.timings["probe"] = time.perf_counter() - t0
-        ctx.log(f"  probed {len(ids)} candidates ({opts.probe_method}): I(x) mean {influence.mean():+.5f} "
-                f"std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
+        ctx.log(f"  probed {len(ids)} candidates ({ctx.options.probe_method}): I(x) mean "
+                f"{influence.mean():+.5f} std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
+        return self.fit(ctx, pool, tokenizer, ids, influence), pool, tokenizer, pad_id
 
-        model = self.fit(ctx, pool, tokenizer, ids, influence)
+    def predict(self, ctx: StageContext) -> np.ndarray:
+        from curation.scoring import score_samples
 
+        model, pool, tokenizer, _ = self.influence_model(ctx)
         t0 = time.perf_counter()
-        pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=opts.batch_size * 4,
+        pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=ctx.options.batch_size * 4,
                              device=ctx.device)
         ctx.timings["score"] = time.perf_counter() - t0
         ctx.log(f"  scored {len(ctx.candidates)} candidates in {ctx.timings['score']:.1f} s "
