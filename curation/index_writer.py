@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.data.ingest import POOL_COLUMNS
+from curation.failpoints import failpoint
 from curation.pool import MDSFolder
 from schemas import streams, tables
 from schemas.errors import MatesError
@@ -61,6 +62,7 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
                 if name != "index.json":
                     store.put_file(os.path.join(out_dir, name), "index", bucket, name)
             store.put_file(os.path.join(out_dir, "index.json"), "index", bucket, "index.json")
+            failpoint("index")
             proportion = float(weights[buckets == bucket][0])
             entries.append(streams.StreamEntry(name=bucket, path=bucket, remote=join(url, "index", bucket),
                                                proportion=streams.check_proportion(proportion, f"bucket {bucket} weight"),
@@ -68,6 +70,7 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
     store.write_bytes(streams.manifest_json(entries, stage=stage, method=method), "index", "streams.json")
     store.write_bytes(streams.foundry_yaml(entries), "index", "streams.yaml")
     write_parquet(selection, url, "selection.parquet")
+    failpoint("commit")
     marker = {"format": "mates-stage", "version": 1, "stage": stage, "method": method,
               "selected": int(chosen.num_rows), "candidates": int(selection.num_rows), **(extra or {})}
     store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")

@@ -103,3 +103,16 @@ def clean_run(s3_pool, s3_server):
     result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result
+
+
+@pytest.fixture(scope="session")
+def local_pool(micro_corpus, tmp_path_factory):
+    """The micro corpus ingested once into a local folder, with the micro recipe's settings."""
+    from curation.data.ingest import ingest
+    from schemas.recipe import load_recipe
+
+    recipe = load_recipe(MICRO_RECIPE)
+    data = str(tmp_path_factory.mktemp("pool") / "data")
+    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+           reference_url=os.path.join(micro_corpus, "reference"))
+    return data

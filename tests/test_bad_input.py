@@ -37,18 +37,6 @@ def tree_digest(root: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def local_pool(micro_corpus, tmp_path_factory):
-    from curation.data.ingest import ingest
-    from schemas.recipe import load_recipe
-
-    recipe = load_recipe(MICRO_RECIPE)
-    data = str(tmp_path_factory.mktemp("pool") / "data")
-    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-           reference_url=os.path.join(micro_corpus, "reference"))
-    return data
-
-
-@pytest.fixture(scope="module")
 def finished_run(local_pool, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run") / "run")
     assert main(["run", MICRO_RECIPE, "--set", f"data={local_pool}", "--set", f"run={run}"]) == 0

@@ -10,6 +10,8 @@ import time
 from composer.core import Callback, Event, State
 from composer.loggers import Logger
 
+from curation.failpoints import failpoint
+
 
 class StageMonitor(Callback):
     """Counts real (non-padding) tokens and logs loss and tokens/s every `interval` batches.
@@ -43,6 +45,8 @@ class StageMonitor(Callback):
             self._loss_sum += loss
             logger.log_metrics({"train/loss": loss, "train/tokens_seen": self.tokens,
                                 "throughput/tokens_per_s": self.tokens_per_s})
+            if self.batches == 2:
+                failpoint("train")
             if self.rank == 0 and self.batches % self.interval == 0:
                 self.log(f"  stage {self.stage} batch {int(state.timestamp.batch):5d}  "
                          f"loss {self._loss_sum / self.interval:.4f}  "

@@ -17,6 +17,7 @@ import pyarrow as pa
 
 from curation.batching import ReferenceSet
 from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.failpoints import failpoint
 from curation.index_writer import stage_url
 from curation.methods.base import CurationMethod, StageContext
 from curation.pool import MDSFolder
@@ -97,9 +98,12 @@ class MatesMethod(CurationMethod):
         t0 = time.perf_counter()
         ids, influence = self.probe(ctx, pool, pad_id)
         ctx.timings["probe"] = time.perf_counter() - t0
+        failpoint("probe")
         ctx.log(f"  probed {len(ids)} candidates ({ctx.options.probe_method}): I(x) mean "
                 f"{influence.mean():+.5f} std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
-        return self.fit(ctx, pool, tokenizer, ids, influence), pool, tokenizer, pad_id
+        model = self.fit(ctx, pool, tokenizer, ids, influence)
+        failpoint("fit")
+        return model, pool, tokenizer, pad_id
 
     def predict(self, ctx: StageContext) -> np.ndarray:
         from curation.scoring import score_samples
@@ -109,6 +113,7 @@ class MatesMethod(CurationMethod):
         pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=ctx.options.batch_size * 4,
                              device=ctx.device)
         ctx.timings["score"] = time.perf_counter() - t0
+        failpoint("score")
         ctx.log(f"  scored {len(ctx.candidates)} candidates in {ctx.timings['score']:.1f} s "
                 f"({len(ctx.candidates) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
         return np.asarray(pred, dtype=np.float64)

@@ -1,0 +1,19 @@
+"""Failpoints: named places where a test can kill the process (SIGKILL) to prove resumability.
+
+`MATES_FAILPOINT=name` in the environment kills the process the first time it reaches
+`failpoint(name)`. Unset (always, outside tests), a failpoint costs one dictionary lookup.
+Names: `train` (during stage training), `probe`, `fit`, `score` (after each MATES phase),
+`index` (after the first bucket of a stage index is uploaded), `commit` (index written, before
+`_SUCCESS`).
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+NAMES = ("train", "probe", "fit", "score", "index", "commit")
+
+
+def failpoint(name: str) -> None:
+    if os.environ.get("MATES_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
