@@ -41,7 +41,9 @@ def test_mates_stage_writes_probes_model_and_scores(mates_run):
     scores = read_parquet(stage, "scores", "part-00000.parquet")
     assert scores.num_rows == 400 and len(set(np.round(scores.column("prediction").to_pylist(), 6))) > 50
     marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
-    assert marker["method"] == "mates" and np.isfinite(marker["curation/influence/val_spearman"])
+    # Logged, and positive on the micro data. Seeded and deterministic on the CPU; the micro oracle
+    # is weak (DESIGN.md 6: the signal is faint this early), so this is a floor, not a quality bar.
+    assert marker["method"] == "mates" and marker["curation/influence/val_spearman"] > 0
     assert "held-out Spearman" in result.stderr
 
 
