@@ -4,7 +4,7 @@ Influence-aware clustering: points are grouped by cosine similarity of the influ
 embedding h(x), so each cluster holds points whose relational influence interacts most, and the
 greedy selection (`curation.group_select`) can run per cluster instead of over all N rows.
 
-* init: seeded k-means++ (D² sampling, D = 1 - cos) on a seeded subsample of at most
+* init: seeded greedy k-means++ (D² sampling, D = 1 - cos) on a seeded subsample of at most
   `max(32 k, 16384)` rows (exact k-means++ over all N would be k sequential passes over the data),
   then, when N is large, refined by this same k-means on a seeded subsample of `warm_rows` rows
   (default 64 k): full-data passes then start near a fixed point, so the bounds below prune early.
@@ -19,12 +19,14 @@ Passes after the first are Lloyd passes pruned with distance bounds (exact, not 
 the spirit of Hamerly's and Elkan's algorithms). Per point: its own and second-nearest centroid,
 an upper bound u on the chord distance |x - c| to its own, a lower bound l to any other, and a
 lower bound l3 to any but those two. When centroids drift by δ, u grows by its own δ and l, l3
-shrink by the largest δ. Rows with u <= l cannot move and are skipped; the others get the exact
-distances to a short list: their own and second centroid (the points on the border of two
-clusters, typical of a topic split in two) and the k/16 centroids that drifted most (one jumping
-centroid would otherwise wreck every bound). When the best of these beats l3 (shrunk only by the
-largest drift outside the list) the row is settled; only the rest get all k similarities. Labels therefore equal plain Lloyd's (up to exact ties), at a fraction of the work
-once the centroids settle. Sums are kept incrementally (moved points only).
+shrink by the largest δ. Rows with u <= l cannot move and are skipped. The others get exact
+distances to a short list: the k/16 centroids that drifted most (one jumping centroid would
+otherwise wreck every bound), their own and, if still needed, their second centroid (points on
+the border of two clusters, typical of a topic split in two). When the best of these beats l3
+(shrunk only by the largest drift outside the list) the row is settled; only the rest get all k
+similarities. Labels therefore equal plain Lloyd's from the same start (up to exact ties; the
+tests check it), at a fraction of the work once the centroids settle. Sums are kept
+incrementally (moved points only).
 
 The returned centroids are the normalised means of the returned labels. Everything is plain
 torch, so a CUDA `device` runs the same code (the init draws on the CPU for reproducibility).
@@ -32,6 +34,7 @@ torch, so a CUDA `device` runs the same code (the init draws on the CPU for repr
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -55,24 +58,26 @@ def _normalised(emb: torch.Tensor, chunk: int) -> torch.Tensor:
 
 
 def _kmeans_pp(sample: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """k-means++ seeds [k, D] from `sample` [m, D] (CPU, float32, unit rows)."""
+    """Greedy k-means++ seeds [k, D] from `sample` [m, D] (CPU, float32, unit rows).
+
+    D² sampling (1 - cos is half the squared chord), with 2 + ln k candidates per step of which the
+    one that lowers the total potential most is kept (as scikit-learn does): plain k-means++ puts
+    two seeds in one well-separated cluster often enough to matter.
+    """
     m = sample.shape[0]
-    chosen = torch.empty(k, dtype=torch.long)
-    chosen[0] = torch.randint(m, (1,), generator=gen)
+    trials = 2 + int(math.log(k))
+    chosen = [int(torch.randint(m, (1,), generator=gen))]
     dist = (1 - sample @ sample[chosen[0]]).clamp_(min=0)           # [m] 1 - cos to nearest seed
-    dist[chosen[0]] = 0
-    for j in range(1, k):
-        total = dist.sum()
-        if total.item() > 0:
-            pick = torch.multinomial(dist / total, 1, generator=gen)
-        else:   # every remaining point duplicates a seed: draw uniformly among the unchosen
-            free = torch.ones(m, dtype=torch.bool)
-            free[chosen[:j]] = False
-            pick = torch.multinomial(free.float(), 1, generator=gen)
-        chosen[j] = pick[0]
-        torch.minimum(dist, (1 - sample @ sample[chosen[j]]).clamp_(min=0), out=dist)
-        dist[chosen[j]] = 0
-    return sample[chosen].clone()                                   # [k, D]
+    for _ in range(1, k):
+        if dist.sum().item() > 0:
+            cand = torch.multinomial(dist, trials, replacement=True, generator=gen)   # [L]
+        else:   # every point duplicates a seed: draw uniformly
+            cand = torch.randint(m, (trials,), generator=gen)
+        trial = torch.minimum(dist[None, :], (1 - sample[cand] @ sample.T).clamp_(min=0))  # [L, m]
+        best = int(trial.sum(dim=1).argmin())
+        chosen.append(int(cand[best]))
+        dist = trial[best]
+    return sample[torch.tensor(chosen)].clone()                     # [k, D]
 
 
 def init_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
@@ -87,6 +92,11 @@ def init_centroids(x: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 def _chord(cos: torch.Tensor) -> torch.Tensor:
     """|x - c| for unit vectors from their cosine."""
     return (2 - 2 * cos).clamp_(min=0).sqrt_()
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products [c] of a, b [c, D] (a batched matmul: ~2x faster than (a * b).sum(1))."""
+    return torch.bmm(a[:, None, :], b[:, :, None]).flatten()
 
 
 def _nearest_three(xc: torch.Tensor, centroids: torch.Tensor):
@@ -128,51 +138,62 @@ def _move(labels, sums, counts, idx, new_labels, xc) -> int:
     return len(moved)
 
 
-def _pruned_pass(rows, centroids, drift, st: dict, chunk: int) -> tuple[int, int, int]:
+def _pruned_pass(x, device, centroids, drift, st: dict, chunk: int) -> tuple[int, int, int]:
     """One assignment pass after the centroids moved by `drift` [k]: (changed, checked, full rows).
 
-    Rows whose bounds rule out any move are skipped. The others get exact distances to a short
-    list: their own and second-nearest centroid and the k/16 centroids that moved most ("hot",
-    whose drift would otherwise wreck every bound); when the best of these beats the bound on all
-    the rest, the row is settled; otherwise it gets all k similarities.
+    Rows whose bounds rule out a move are skipped (Hamerly's test). The others ("suspects") are
+    compared with the k/16 centroids that moved most ("hot": one jumping centroid would otherwise
+    wreck every bound) and with their own; if a move is still possible, with their second
+    centroid too; when the best of that short list beats the bound on all other centroids the row
+    is settled, otherwise it gets all k similarities.
     """
     labels, second, upper, lower, lower3 = st["labels"], st["second"], st["upper"], st["lower"], st["lower3"]
-    k = len(drift)
+    k, inf = len(drift), float("inf")
     order = drift.argsort(descending=True)
     n_hot = max(1, k // 16)
     hot = order[:n_hot]                                              # [h]
     tau = drift[order[n_hot]] if n_hot < k else drift.new_zeros(())  # largest drift not hot
+    hot_centroids = centroids[hot]                                   # [h, D]
     upper += drift[labels]
-    lower -= torch.where(labels == order[0], drift[order[1]], drift[order[0]])   # vs any other
-    rest = lower3 - tau                      # [N] vs any but own, second and the hot ones
-    lower3 -= drift[order[0]]                # [N] vs any but own and second (rows skipped below)
-    suspects = torch.nonzero(upper > lower - _SLACK).flatten()
+    shrink = torch.where(labels == order[0], drift[order[1]], drift[order[0]])   # largest other drift
+    suspects = torch.nonzero(upper > lower - shrink - _SLACK).flatten()
+    cold_s = lower[suspects] - tau           # [S] vs every other centroid not hot
+    rest_s = lower3[suspects] - tau          # [S] vs every centroid but own, second and the hot
+    lower -= shrink                          # [N] bounds of the rows skipped; suspects' are reset
+    lower3 -= drift[order[0]]
     changed = n_checked = n_full = 0
-    for j in range(0, len(suspects), chunk):
-        idx = suspects[j:j + chunk]
-        xc = rows(idx)                                               # [c, D]
+    step = min(chunk, 4096)
+    for j in range(0, len(suspects), step):
+        idx, cold, rest = suspects[j:j + step], cold_s[j:j + step], rest_s[j:j + step]
+        xs = x[idx.to(x.device)].to(device, torch.float32)           # [m, D]
         own, sec = labels[idx], second[idx]
-        short = torch.cat([own[:, None], sec[:, None], hot.expand(len(idx), -1)], dim=1)   # [c, 2 + h]
-        d = torch.cat([(xc * centroids[own]).sum(dim=1, keepdim=True),
-                       (xc * centroids[sec]).sum(dim=1, keepdim=True), xc @ centroids[hot].T], dim=1)
-        d = _chord(d)                                                # [c, 2 + h] exact distances
-        d[:, 2:][(hot[None, :] == own[:, None]) | (hot[None, :] == sec[:, None])] = float("inf")
+        d_hot = _chord(xs @ hot_centroids.T)                         # [m, h] exact
+        is_own, is_sec = hot[None, :] == own[:, None], hot[None, :] == sec[:, None]
+        lower[idx] = torch.minimum(cold, d_hot.masked_fill(is_own, inf).min(dim=1).values)
+        lower3[idx] = torch.minimum(rest, d_hot.masked_fill(is_own | is_sec, inf).min(dim=1).values)
+        upper[idx] = _chord(_rowdot(xs, centroids[own]))             # exact own distance
+        live = torch.nonzero(upper[idx] > lower[idx] - _SLACK).flatten()
+        if not len(live):
+            continue
+        idx, xs, own, sec, rest = idx[live], xs[live], own[live], sec[live], rest[live]
+        short = torch.cat([own[:, None], sec[:, None], hot.expand(len(idx), -1)], dim=1)   # [m, 2 + h]
+        d = torch.cat([upper[idx, None], _chord(_rowdot(xs, centroids[sec]))[:, None],
+                       d_hot[live].masked_fill(is_own[live] | is_sec[live], inf)], dim=1)  # [m, 2 + h]
         best = d.topk(3, dim=1, largest=False)
-        settled = best.values[:, 0] <= rest[idx] - _SLACK
+        settled = best.values[:, 0] <= rest - _SLACK
         a = torch.nonzero(settled).flatten()
         if len(a):
-            ia, pick = idx[a], best.indices[a]
-            changed += _move(labels, st["sums"], st["counts"], ia, short[a].gather(1, pick[:, :1]).flatten(), xc[a])
-            second[ia] = short[a].gather(1, pick[:, 1:2]).flatten()
-            upper[ia] = best.values[a, 0]
-            lower[ia] = torch.minimum(best.values[a, 1], rest[ia])
-            lower3[ia] = torch.minimum(best.values[a, 2], rest[ia])
+            pick = best.indices[a]
+            changed += _move(labels, st["sums"], st["counts"], idx[a], short[a].gather(1, pick[:, :1]).flatten(), xs[a])
+            second[idx[a]] = short[a].gather(1, pick[:, 1:2]).flatten()
+            upper[idx[a]] = best.values[a, 0]
+            lower[idx[a]] = torch.minimum(best.values[a, 1], rest[a])
+            lower3[idx[a]] = torch.minimum(best.values[a, 2], rest[a])
             n_checked += len(a)
         b = torch.nonzero(~settled).flatten()
         if len(b):
-            ib, xb = idx[b], xc[b]
-            new, second[ib], upper[ib], lower[ib], lower3[ib] = _nearest_three(xb, centroids)
-            changed += _move(labels, st["sums"], st["counts"], ib, new, xb)
+            new, second[idx[b]], upper[idx[b]], lower[idx[b]], lower3[idx[b]] = _nearest_three(xs[b], centroids)
+            changed += _move(labels, st["sums"], st["counts"], idx[b], new, xs[b])
             n_full += len(b)
     return changed, n_checked, n_full
 
@@ -186,8 +207,8 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
     only when none changed). `warm_rows` (default 64 k; 0 = off) is the subsample that refines the
     k-means++ start; it is skipped when it would exceed N / 4. `stats`, when given, receives
     `iterations` (full-data passes), `changed_last`, `reseeded`, `warm_rows`, `warm_iterations`, and
-    per pass `changed`, `checked_rows` (settled by own and second centroid) and `full_rows` (given
-    all k similarities). Both outputs live on `device`.
+    per pass `changed`, `checked_rows` (settled by the short list) and `full_rows` (given all k
+    similarities). Both outputs live on `device`.
     """
     if emb.dim() != 2 or emb.shape[0] == 0:
         raise MatesError(f"`emb` must be a non-empty [N, D] matrix; got shape {tuple(emb.shape)}.")
@@ -212,9 +233,6 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
         warm = 0
         centroids = init_centroids(x, k, seed).to(device)          # [k, D]
 
-    def rows(index: torch.Tensor) -> torch.Tensor:                 # [c, D] on device
-        return x[index.to(x.device)].to(device, torch.float32)
-
     st = {"labels": torch.empty(n, dtype=torch.long, device=device),     # [N] own centroid
           "second": torch.empty(n, dtype=torch.long, device=device),     # [N] second nearest
           "upper": torch.empty(n, dtype=torch.float32, device=device),   # [N] >= |x - own|
@@ -236,14 +254,15 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
         new = torch.nn.functional.normalize(st["sums"], dim=1)      # [k, D] normalised means
         empty = torch.nonzero(st["counts"] == 0).flatten()
         if len(empty):      # re-seed with the points of largest distance bound (deterministic)
-            new[empty] = rows(torch.topk(st["upper"], len(empty)).indices)
+            far = torch.topk(st["upper"], len(empty)).indices
+            new[empty] = x[far.to(x.device)].to(device, torch.float32)
             reseeded += len(empty)
         drift = (new - centroids).norm(dim=1)                       # [k] how far each centroid moved
         centroids = new
         if it == max_iter or k == 1 or (changed <= tol * n and not len(empty)):
             break
         it += 1
-        changed, checked, full = _pruned_pass(rows, centroids, drift, st, chunk)
+        changed, checked, full = _pruned_pass(x, device, centroids, drift, st, chunk)
         for name, value in zip(history, (changed, checked, full)):
             history[name].append(value)
     if stats is not None:

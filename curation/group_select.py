@@ -13,7 +13,7 @@ Ties go to the lowest row index (`argmin` returns the first minimum).
 A matvec per pick reads all n·D embeddings for n·D multiply-adds (memory-bound). Instead, when the
 pick has no row yet, the rows of the `block` candidates of least marginal right now (the likely
 next picks, since θ changes slowly) are computed in one GEMM, and later picks among them reuse
-them. The picks are exactly those of the matvec version; only the arithmetic is batched.
+them. The picks are those of the matvec version (the tests check it); only the arithmetic is batched.
 
 `select_per_cluster` runs the greedy inside each cluster (Σ_c O(n_c² D) instead of O(N² D));
 `global_greedy` runs it over all rows at once, which is what per-cluster selection approximates.

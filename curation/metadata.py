@@ -88,7 +88,7 @@ def cluster_stats(con: duckdb.DuckDBPyConnection, scores: Source, catalog_url: S
 
 def cluster_quotas(con: duckdb.DuckDBPyConnection, scores: Source, budget: int, mode: str = "size",
                    temperature: float = 1.0) -> pa.Table:
-    """Per cluster: size, mean_prediction, weight, exact_quota and `quota` (sums to `budget`)."""
+    """Per cluster: size, mean_prediction, log_weight, exact_quota and `quota` (sums to `budget`)."""
     if mode not in QUOTA_MODES:
         raise MatesError(f"`mode` must be one of {list(QUOTA_MODES)}; got {mode!r}.")
     if not temperature > 0:

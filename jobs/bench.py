@@ -156,5 +156,13 @@ def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:
                    batch_size=opts.batch_size * 4, device=device)
 
 
+def bench_select(recipe, *, out=None, log=print, n_rows: int = 1_000_000) -> dict:
+    """Clustering + DuckDB quotas + greedy group selection on synthetic scored rows."""
+    from jobs.bench_select import bench_select as run
+
+    log(f"bench select: {n_rows:,} synthetic rows with 384-d embeddings")
+    return run(n_rows=n_rows)
+
+
 def dump(result: dict) -> str:
     return json.dumps(result, indent=2)

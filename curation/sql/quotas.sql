@@ -13,37 +13,45 @@ WITH stats AS (
     GROUP BY cluster
 ),
 weighted AS (
-    SELECT *,
-           CASE WHEN $mode = 'size' THEN size::DOUBLE
-                -- shifted by the best mean so exp() cannot overflow; floored so that no weight is
-                -- exactly 0 (a budget larger than the favoured clusters still has somewhere to go)
-                ELSE size * greatest(exp(-(mean_prediction - min(mean_prediction) OVER ()) / $temperature),
-                                     1e-200)
-           END AS weight
+    -- log of the weight; only differences of log weights are ever exponentiated, so a small
+    -- temperature cannot overflow or flush the weights of the open clusters to zero
+    SELECT *, ln(size) - CASE WHEN $mode = 'size' THEN 0.0 ELSE mean_prediction / $temperature END AS log_weight
     FROM stats
 ),
--- Water-filling: a cluster fills up at level size / weight. In that order, if the clusters before
--- row j are full and the rest share what is left, their level is level_if_open; the first row
--- whose level_if_open does not exceed its own fill level gives the level of every open cluster.
-levels AS (
+ordered AS (
+    -- a cluster fills up at level size / weight: in that order (best mean first), the clusters
+    -- before row j hold full_before samples when row j is the first one left open
     SELECT *,
-           size / weight AS fill_level,
-           ($budget - coalesce(sum(size) OVER before_row, 0)) / sum(weight) OVER from_row AS level_if_open
+           row_number() OVER fill AS fill_rank,
+           coalesce(sum(size) OVER (fill ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS full_before
     FROM weighted
-    WINDOW before_row AS (ORDER BY size / weight, cluster ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING),
-           from_row AS (ORDER BY size / weight, cluster ROWS BETWEEN CURRENT ROW AND UNBOUNDED FOLLOWING)
+    WINDOW fill AS (ORDER BY ln(size) - log_weight, cluster)
 ),
-water AS (
-    -- no such row only when every cluster is full ($budget = all rows): level +infinity
-    SELECT coalesce((SELECT level_if_open FROM levels
-                     WHERE level_if_open <= fill_level
-                     ORDER BY fill_level, cluster
-                     LIMIT 1), 'infinity'::DOUBLE) AS level
+open_from AS (
+    -- row j's own share if the rows before it are full and it and every later row share what is
+    -- left in proportion to their weights (taken relative to row j's weight); O(clusters^2) pairs
+    SELECT j.fill_rank, j.size, j.log_weight,
+           ($budget - j.full_before) / sum(exp(i.log_weight - j.log_weight)) AS own_share
+    FROM ordered AS j
+    JOIN ordered AS i ON i.fill_rank >= j.fill_rank
+    GROUP BY j.fill_rank, j.size, j.log_weight, j.full_before
+),
+first_open AS (
+    -- the first row whose share fits: it and every later row stay open, all earlier rows are full
+    -- (no such row only when $budget is every row: then all are full)
+    SELECT fill_rank, log_weight, own_share
+    FROM open_from
+    WHERE own_share <= size
+    ORDER BY fill_rank
+    LIMIT 1
 ),
 exact AS (
-    SELECT cluster, size, mean_prediction, weight,
-           least(size::DOUBLE, weight * water.level) AS exact_quota
-    FROM levels, water
+    SELECT o.cluster, o.size, o.mean_prediction, o.log_weight,
+           CASE WHEN p.fill_rank IS NULL OR o.fill_rank < p.fill_rank THEN o.size::DOUBLE
+                ELSE least(o.size::DOUBLE, p.own_share * exp(o.log_weight - p.log_weight))
+           END AS exact_quota
+    FROM ordered AS o
+    LEFT JOIN first_open AS p ON true
 ),
 ranked AS (
     SELECT *,
@@ -55,7 +63,7 @@ ranked AS (
                                        cluster) AS remainder_rank
     FROM exact
 )
-SELECT cluster, size, mean_prediction, weight, exact_quota,
+SELECT cluster, size, mean_prediction, log_weight, exact_quota,
        floor_quota + (remainder_rank <= leftover AND floor_quota < size)::BIGINT AS quota
 FROM ranked
 ORDER BY cluster;
