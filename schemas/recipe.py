@@ -84,7 +84,8 @@ class StagesConfig:
     count: int = 2
     batches: list[int] = field(default_factory=lambda: [40, 40])  # per stage; one int = every stage
     pool_per_stage: int = 1000        # candidates per stage: a fresh, disjoint slice of the pool
-    selection_ratio: float = 0.5      # fraction of the candidates kept
+    selection_ratio: float = 0.5      # fraction of the candidates kept (curated stages)
+    warmup_ratio: float = 1.0         # fraction kept at stage 0, the random warm-up
     method: str = "random"
     options: dict = field(default_factory=dict)
 
@@ -272,6 +273,7 @@ def _validate(recipe: Recipe) -> Recipe:
     for i, b in enumerate(st.batches):
         _require(b >= 1, f"stages.batches[{i}]", ">= 1", b)
     _require(0 < st.selection_ratio <= 1, "stages.selection_ratio", "in (0, 1]", st.selection_ratio)
+    _require(0 < st.warmup_ratio <= 1, "stages.warmup_ratio", "in (0, 1]", st.warmup_ratio)
     _require(st.pool_per_stage >= 1, "stages.pool_per_stage", ">= 1", st.pool_per_stage)
     if st.method not in METHOD_OPTIONS:
         raise MatesError(f"`stages.method` must be one of {', '.join(sorted(METHOD_OPTIONS))}; "

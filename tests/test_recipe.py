@@ -89,3 +89,8 @@ def test_per_method_option_blocks():
     assert recipe_from_dict(raw).method_options.n_probes == 7
     raw["stages"]["options"]["mates"]["n_probs"] = 1
     assert "`stages.options.mates.n_probs`" in error_of({"stages": raw["stages"]})
+
+
+def test_warmup_ratio_checked():
+    assert "`stages.warmup_ratio`" in error_of({"stages": {"warmup_ratio": 0}})
+    assert recipe_from_dict(BASE).stages.warmup_ratio == 1.0

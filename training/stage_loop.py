@@ -116,7 +116,8 @@ class RunContext:
         from schemas.recipe import RandomOptions
 
         return StageContext(run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
-                            n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio),
+                            n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio if stage > 0
+                                               else r.stages.warmup_ratio),
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
                             state_url=state_url, device=self.device, log=self.log)
 
