@@ -8,6 +8,8 @@ import os
 import pytest
 
 from curation.failpoints import NAMES
+from curation.index_writer import read_stage_streams
+from schemas.errors import MatesError
 from schemas.storage import join, read_parquet
 from tests.conftest import MICRO_RECIPE, mates
 
@@ -39,6 +41,10 @@ def test_kill_at_every_phase_then_resume(local_pool, tmp_path):
         assert os.path.exists(os.path.join(killed, "recipe.yaml"))
         stages = committed(killed)
         assert stages == [0], (phase, stages)  # stage 0 is committed before it trains
+        if phase == "commit":  # index and streams.json are written, _SUCCESS is not
+            assert os.path.exists(os.path.join(killed, "stages", "1", "index", "streams.json"))
+            with pytest.raises(MatesError, match="not committed"):
+                read_stage_streams(killed, 1)  # what `mates run` trains from
     assert run(local_pool, killed).returncode == 0
     assert committed(killed) == [0, 1]
     for stage in (0, 1):
