@@ -24,13 +24,13 @@ import math
 import os
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curation.fit_utils import BestEpoch, spearman
 from schemas.errors import MatesError
 from schemas.stamps import read_stamped_json
 from schemas.storage import store_for
@@ -206,15 +206,6 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def _spearman(pred: np.ndarray, target: np.ndarray) -> float:
-    """Spearman's rho; NaN when either side is constant (then no epoch can be preferred on it)."""
-    from scipy.stats import spearmanr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConstantInputWarning: reported as NaN instead
-        return float(spearmanr(pred, target)[0])
-
-
 def fit_influence_model(texts: list[str], labels: np.ndarray, *, options, seed: int, device="cpu",
                         init: InfluenceModel | None = None, freeze_word_embeddings: bool = True,
                         log=print) -> tuple[InfluenceModel, dict]:
@@ -274,7 +265,7 @@ def fit_influence_model(texts: list[str], labels: np.ndarray, *, options, seed: 
             optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
         shuffle = torch.Generator().manual_seed(seed)
         val_target = target[val_ix]
-        best = {"rho": -math.inf, "state": None, "epoch": 0, "mse": math.nan, "val_rho": math.nan}
+        best = BestEpoch()
 
         for epoch in range(1, epochs + 1):
             model.train()
@@ -292,20 +283,17 @@ def fit_influence_model(texts: list[str], labels: np.ndarray, *, options, seed: 
                 schedule.step()
                 losses.append(float(loss))
             val_pred = _predict_ids(model, [ids[i] for i in val_ix], batch_size)                  # [n_val]
-            rho = _spearman(val_pred, val_target)
+            rho = spearman(val_pred, val_target)
             mse = float(np.mean((val_pred - val_target) ** 2))
             log(f"influence model epoch {epoch}/{epochs}: train mse {np.mean(losses):.4f}, "
                 f"held-out mse {mse:.4f}, held-out spearman {rho:.4f}")
-            score = rho if not math.isnan(rho) else -math.inf
-            if best["state"] is None or score > best["rho"]:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = {"rho": score, "state": state, "epoch": epoch, "mse": mse, "val_rho": rho}
+            best.update(model, epoch=epoch, rho=rho, mse=mse)
 
-    model.load_state_dict(best["state"])
+    model.load_state_dict(best.state)
     model.encoder.embeddings.word_embeddings.weight.requires_grad_(True)  # frozen for this fit only
     model.label_mean, model.label_std = label_mean, label_std
     model.eval()
-    metrics = {"val_spearman": best["val_rho"], "val_mse": best["mse"], "train_size": int(len(train_ix)),
+    metrics = {"val_spearman": best.rho, "val_mse": best.mse, "train_size": int(len(train_ix)),
                "val_size": int(n_val), "label_mean": label_mean, "label_std": label_std,
-               "seconds": time.perf_counter() - started, "epochs_run": epochs, "best_epoch": best["epoch"]}
+               "seconds": time.perf_counter() - started, "epochs_run": epochs, "best_epoch": best.epoch}
     return model, metrics

@@ -22,15 +22,14 @@ Saved layout (`save(url)`), through the object-store layer (local dir or s3://):
 from __future__ import annotations
 
 import json
-import math
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from curation.fit_utils import BestEpoch, spearman
 from schemas.errors import MatesError
 from schemas.stamps import read_stamped_json
 from schemas.storage import store_for
@@ -144,15 +143,6 @@ def head_from_influence_model(influence_model) -> tuple[np.ndarray, float]:
     return head.weight.detach().float().cpu().numpy().ravel(), float(head.bias.detach().reshape(-1)[0])
 
 
-def _spearman(pred: np.ndarray, target: np.ndarray) -> float:
-    """Spearman's rho; NaN when either side is constant."""
-    from scipy.stats import spearmanr
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # ConstantInputWarning: reported as NaN instead
-        return float(spearmanr(pred, target)[0])
-
-
 def _check_fit_inputs(emb: np.ndarray, increments: np.ndarray, epochs: int, batch_size: int) -> None:
     if emb.ndim != 3 or increments.shape != emb.shape[:2]:
         raise MatesError(f"`emb` must be [n_traj, T, D] and `increments` [n_traj, T]; got shapes "
@@ -201,7 +191,7 @@ def fit_relational_model(emb, increments, *, epochs: int, lr: float, seed: int, 
         optimizer = torch.optim.Adam(params, lr=float(lr))
         shuffle = torch.Generator().manual_seed(seed)
         val_y = target[val_ix].ravel()
-        best = {"score": -math.inf, "state": None, "epoch": 0, "mse": math.nan, "rho": math.nan}
+        best = BestEpoch()
         for epoch in range(1, int(epochs) + 1):
             model.train()
             perm = train_ix[torch.randperm(len(train_ix), generator=shuffle).numpy()]
@@ -216,22 +206,19 @@ def fit_relational_model(emb, increments, *, epochs: int, lr: float, seed: int, 
             model.eval()
             with torch.no_grad():
                 val_pred = model.marginals(H[torch.as_tensor(val_ix, device=device)]).cpu().numpy().ravel()
-            rho = _spearman(val_pred, val_y)
+            rho = spearman(val_pred, val_y)
             mse = float(np.mean((val_pred - val_y) ** 2))
             log(f"relational model epoch {epoch}/{epochs}: train mse {np.mean(losses):.4f}, held-out "
                 f"mse {mse:.4f}, held-out spearman {rho:.4f}, alpha {model.alpha:.4f}, beta {model.beta:.4f}")
-            score = rho if not math.isnan(rho) else -math.inf
-            if best["state"] is None or score > best["score"]:
-                state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                best = {"score": score, "state": state, "epoch": epoch, "mse": mse, "rho": rho}
+            best.update(model, epoch=epoch, rho=rho, mse=mse)
 
-    model.load_state_dict(best["state"])
+    model.load_state_dict(best.state)
     model.head.requires_grad_(True)
     model.label_mean, model.label_std = mean, std
     model.eval()
-    metrics = {"val_spearman": best["rho"], "val_mse": best["mse"], "alpha": model.alpha,
+    metrics = {"val_spearman": best.rho, "val_mse": best.mse, "alpha": model.alpha,
                "beta": model.beta, "train_trajectories": int(len(train_ix)), "val_trajectories": int(n_val),
                "steps": int(emb.shape[1]), "label_mean": mean, "label_std": std,
                "seconds": time.perf_counter() - started, "epochs_run": int(epochs),
-               "best_epoch": best["epoch"]}
+               "best_epoch": best.epoch}
     return model, metrics
