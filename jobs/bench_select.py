@@ -1,6 +1,6 @@
 """Group-MATES selection at scale (DESIGN.md 2.4), on synthetic scored rows.
 
-    python -m jobs.bench_select [--rows 1000000] [--dim 384] [--k N/2000] [--json out.json]
+    python -m jobs.bench_select [--rows 1000000] [--dim 384] [--k N/2000] [--threads 1] [--json out.json]
 
 Data: `n_rows` unit embeddings from a mixture of Gaussians on the sphere (N/2000 topics of
 log-normal sizes; h = normalise(centre + noise), cos(h, centre) ~ 0.7), individual scores
@@ -15,7 +15,10 @@ same pipeline on those rows (k = rows / 2000), with the overlap, mean score and 
 pairwise cosine) of each selection, and plain top-k by score for reference.
 
 Memory: `peak_rss_mb` is the process's resident high-water mark (getrusage ru_maxrss, Linux
-KiB) after each phase, so it includes the Python interpreter, torch, DuckDB and the data.
+KiB) after each phase, so it includes the Python interpreter, torch, DuckDB and the data (no
+tracemalloc: it sees neither torch's allocator nor DuckDB's). `seconds` are wall time,
+`cpu_seconds` process time (user + system, all threads): on a shared machine the gap is the
+time other jobs took.
 """
 from __future__ import annotations
 
@@ -93,11 +96,12 @@ def _selection_figures(scores: np.ndarray, emb: torch.Tensor, mask: np.ndarray) 
 def bench_select(n_rows: int = 1_000_000, dim: int = 384, k: int | None = None, budget_ratio: float = 0.2,
                  seed: int = 0, global_rows: int = 20_000, *, max_iter: int = 20, tol: float = 0.0,
                  mode: str = "influence", temperature: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
-                 threads: int | None = None, log=print) -> dict:
+                 threads: int = 1, log=print) -> dict:
     """Figures of the Group-MATES selection pipeline on `n_rows` synthetic rows (module docstring).
 
-    `k` defaults to n_rows / 2000. `threads` sets torch's intra-op threads for the run (None: leave
-    torch's default).
+    `k` defaults to n_rows / 2000. `threads` sets torch's intra-op threads for the run (0: torch's
+    default). One is the default: on a 2-core machine shared with other jobs, OpenMP's barriers over
+    the many small tensor ops of the pruned k-means passes made the run 2.5x slower with 2 threads.
     """
     saved_threads = torch.get_num_threads()
     if threads:
@@ -238,7 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tol", type=float, default=0.0)
     parser.add_argument("--mode", choices=["size", "influence"], default="influence")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = bench_select(args.rows, args.dim, args.k, args.budget_ratio, args.seed, args.global_rows,
