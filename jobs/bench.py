@@ -12,7 +12,7 @@ import socket
 import tempfile
 import time
 
-from schemas.storage import join
+from schemas.storage import join, read_parquet
 
 
 @contextlib.contextmanager
@@ -94,9 +94,7 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
         ctx = stage_loop.RunContext(bench_recipe, log)
         stage_loop.curate_if_needed(ctx, 0)
         streamed = stage_loop.train_stage(ctx, 0)
-        selection_url = join(bench_recipe.run, "stages", "0")
-        from schemas.storage import read_parquet
-        sel = read_parquet(selection_url, "selection.parquet")
+        sel = read_parquet(join(bench_recipe.run, "stages", "0"), "selection.parquet")
         ids = sel.filter(sel.column("selected")).column("sample_id").to_pylist()
         pool = MDSFolder(join(bench_recipe.data, "pool"))
         samples = [pool[i] for i in ids]
@@ -139,10 +137,10 @@ def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.influence_model import InfluenceModel
     from curation.scoring import bench_score as run
-
-    opts = recipe.method_options if hasattr(recipe.method_options, "encoder_layers") else None
     from schemas.recipe import MatesOptions
-    opts = opts or MatesOptions()
+
+    # the recipe's encoder settings when its method has them (mates, group_mates), else defaults
+    opts = recipe.method_options if isinstance(recipe.method_options, MatesOptions) else MatesOptions()
     with tempfile.TemporaryDirectory() as tmp:
         corpus = _demo_corpus(out or tmp, recipe.seed, max_per_source=300)
         data = os.path.join(out or tmp, "bench-score-data")

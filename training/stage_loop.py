@@ -40,7 +40,7 @@ from curation.stage_job import candidate_pools, n_selected, run_stage_job
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
-from schemas.recipe import Recipe, dump_recipe, load_recipe
+from schemas.recipe import RandomOptions, Recipe, dump_recipe, load_recipe
 from schemas.storage import export_endpoint_for_streaming, join, read_parquet, store_for, write_parquet
 from training import dist_utils
 from training.callbacks import StageMonitor
@@ -113,8 +113,6 @@ class RunContext:
     def stage_context(self, stage: int) -> StageContext:
         r = self.recipe
         state_url = join(r.checkpoint_url, state_name(stage - 1)) if stage > 0 else None
-        from schemas.recipe import RandomOptions
-
         return StageContext(run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
                             n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio if stage > 0
                                                else r.stages.warmup_ratio),
