@@ -16,7 +16,7 @@ from curation.methods.base import StageContext
 from curation.selection import ranks
 from schemas import tables
 from schemas.errors import MatesError
-from schemas.storage import store_for, write_parquet
+from schemas.storage import read_parquet, store_for, write_parquet
 
 
 def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) -> list[np.ndarray]:
@@ -33,27 +33,87 @@ def n_selected(n_candidates: int, ratio: float) -> int:
     return max(1, int(round(ratio * n_candidates)))
 
 
-def run_stage_job(ctx: StageContext, method_name: str) -> dict:
-    """Run the job for `ctx.stage` unless it is committed; returns the stage marker fields."""
+def _no_barrier() -> None:
+    pass
+
+
+def _scores_table(sample_ids: np.ndarray, pred: np.ndarray, clusters=None, rank=None) -> pa.Table:
+    n = len(sample_ids)
+    table = pa.table({"sample_id": np.asarray(sample_ids, dtype=np.int64), "prediction": pred.astype(np.float32),
+                      "cluster": clusters if clusters is not None else np.full(n, -1, np.int32),
+                      "rank": rank if rank is not None else np.full(n, -1, np.int64)})
+    return tables.conform(table, tables.SCORES)
+
+
+def _part_name(rank: int) -> str:
+    return f"part-{rank:05d}.parquet"
+
+
+def _check_predictions(pred: np.ndarray, n: int, method_name: str) -> np.ndarray:
+    pred = np.asarray(pred, dtype=np.float64)
+    if pred.shape != (n,) or not np.all(np.isfinite(pred)):
+        raise MatesError(f"method `{method_name}` gave {pred.shape} predictions (finite: "
+                         f"{bool(np.all(np.isfinite(pred)))}) for {n} candidates.")
+    return pred
+
+
+def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int, barrier) -> np.ndarray | None:
+    """Rank 0 prepares; every rank scores its slice into scores/part-<rank>; rank 0 gets them all."""
+    from curation.scoring import shard_for_rank
+
+    url = stage_url(ctx.run_url, ctx.stage)
+    if rank == 0:
+        method.prepare(ctx)
+    barrier()
+    mine = shard_for_rank(ctx.candidates, rank, world_size)
+    write_parquet(_scores_table(mine, method.score_slice(ctx, mine)), url, "scores", _part_name(rank))
+    barrier()
+    if rank != 0:
+        return None
+    parts = [read_parquet(url, "scores", _part_name(r)) for r in range(world_size)]
+    ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])
+    if not np.array_equal(ids, ctx.candidates):
+        raise MatesError(f"the score parts under {url}/scores do not cover the stage's candidates in order.")
+    return np.concatenate([np.asarray(p.column("prediction"), dtype=np.float64) for p in parts])
+
+
+def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_size: int = 1,
+                  barrier=_no_barrier) -> dict:
+    """Run the job for `ctx.stage` unless it is committed; returns the stage marker fields.
+
+    Every rank of a launched run calls this. A method with `parallel_scoring` scores the
+    candidates data-parallel (each rank its `shard_for_rank` slice, written as
+    scores/part-<rank>.parquet); everything else (probing, fitting, selection, the index and
+    `_SUCCESS`) happens on rank 0, which finally rewrites each part with the global rank and cluster.
+    """
     if stage_committed(ctx.run_url, ctx.stage):
         return {"skipped": True}
     url = stage_url(ctx.run_url, ctx.stage)
-    store_for(url).remove()  # a stage without _SUCCESS is redone from scratch
     started = time.perf_counter()
     method = get_method(method_name)
-    pred = np.asarray(method.predict(ctx), dtype=np.float64)
-    if pred.shape != (len(ctx.candidates),) or not np.all(np.isfinite(pred)):
-        raise MatesError(f"method `{method_name}` gave {pred.shape} predictions (finite: "
-                         f"{bool(np.all(np.isfinite(pred)))}) for {len(ctx.candidates)} candidates.")
+    if rank == 0:
+        store_for(url).remove()  # a stage without _SUCCESS is redone from scratch
+    if world_size > 1 and method.parallel_scoring:
+        pred = _parallel_predictions(ctx, method, rank, world_size, barrier)
+        if rank != 0:
+            return {"skipped": False}
+    elif rank != 0:
+        return {"skipped": False}
+    else:
+        pred = method.predict(ctx)
+    pred = _check_predictions(pred, len(ctx.candidates), method_name)
     selection = method.select(ctx, pred)
     clusters = getattr(method, "clusters", None)
-    scores = pa.table({"sample_id": ctx.candidates.astype(np.int64), "prediction": pred.astype(np.float32),
-                       "cluster": clusters if clusters is not None else np.full(len(pred), -1, np.int32),
-                       "rank": ranks(pred)})
-    write_parquet(tables.conform(scores, tables.SCORES), url, "scores", "part-00000.parquet")
+    order = ranks(pred)
+    bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(len(pred)), world_size)])
+    for r in range(world_size if method.parallel_scoring else 1):
+        lo, hi = (bounds[r], bounds[r + 1]) if method.parallel_scoring else (0, len(pred))
+        part = _scores_table(ctx.candidates[lo:hi], pred[lo:hi],
+                             None if clusters is None else clusters[lo:hi], order[lo:hi])
+        write_parquet(part, url, "scores", _part_name(r))
     seconds = time.perf_counter() - started
-    extra = {"curation_seconds": seconds, **{f"seconds_{k}": v for k, v in ctx.timings.items()},
-             **ctx.metrics}
+    extra = {"curation_seconds": seconds, "score_parts": world_size if method.parallel_scoring else 1,
+             **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics}
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                       stage=ctx.stage, method=method_name, extra=extra)
     return {"skipped": False, "seconds": time.perf_counter() - started}

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (or a name under training/recipes/)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set run=s3://bucket/run1")
+    p.add_argument("--until-stage", type=int, default=None, metavar="K",
+                   help="train stages 0..K only (a later `mates run` goes on from there)")
 
     p = sub.add_parser("curate", help="run one stage boundary's curation job on its own")
     p.add_argument("--run", required=True, help="run URL (holds recipe.yaml)")
@@ -65,6 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="demo corpus -> ingest -> the demo recipe, end to end")
     p.add_argument("--out", default="demo-out")
     p.add_argument("--recipe", default="demo")
+
+    p = sub.add_parser("compare", help="the recipe once per method and seed, same budget; one table")
+    p.add_argument("recipe", help="recipe YAML (or a packaged name, e.g. bench)")
+    p.add_argument("--methods", default="random,perplexity,dsir,classifier,mates,group_mates")
+    p.add_argument("--seeds", type=int, default=3, help="seeds recipe.seed, recipe.seed+1, ...")
+    p.add_argument("--out", default="compare-out", help="local folder for runs, logs and the table")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+
+    p = sub.add_parser("report", help="an HTML report with plots of a run or of a comparison")
+    p.add_argument("source", help="a run URL, or a `mates compare` output folder")
+    p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
     p.add_argument("what", choices=["ingest", "train", "probe", "score", "select"])

@@ -102,7 +102,27 @@ def cmd_run(args) -> int:
     from training.stage_loop import run_recipe
 
     recipe = load(args.recipe, args.set)
-    run_recipe(recipe, log=log)
+    run_recipe(recipe, log=log, until_stage=args.until_stage)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from training.compare import compare, parse_methods
+
+    sets = "".join(f" --set {k}={v}" for k, v in args.set.items())
+    command = (f"mates compare {args.recipe} --methods {args.methods} --seeds {args.seeds} "
+               f"--jobs {args.jobs} --out {args.out}{sets}")
+    text = compare(recipe_path(args.recipe), args.set, parse_methods(args.methods), args.seeds, args.out,
+                   jobs=args.jobs, command=command, log=log)
+    print(text)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from training.report import write_report
+
+    path = write_report(args.source, args.out, log=log)
+    log(f"report: {path}")
     return 0
 
 

@@ -124,8 +124,37 @@ class GroupMatesOptions(MatesOptions):
     dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection
 
 
+@dataclass(kw_only=True)
+class PerplexityOptions:
+    temperature: float = 0.1          # on z-scored losses: nearly a plain top-k
+    band: Literal["middle", "low", "high"] = "middle"  # which losses to keep (middle: Marion et al. 2023)
+    batch_size: int = 32
+
+
+@dataclass(kw_only=True)
+class DsirOptions:
+    temperature: float = 1.0          # DSIR: Gumbel top-k on the log importance weights, tau = 1
+    reference: Literal["cloze", "heldout"] = "cloze"   # the target: the set MATES' oracle uses
+    max_reference: int = 64
+    n_features: int = 10000           # hashed n-gram buckets (DSIR: 10,000)
+    max_n: int = 2                    # unigrams + bigrams
+
+
+@dataclass(kw_only=True)
+class ClassifierOptions:
+    temperature: float = 0.1          # on z-scored logits: nearly DCLM's threshold
+    reference: Literal["cloze", "heldout"] = "cloze"   # positives: the set MATES' oracle uses
+    max_reference: int = 64
+    n_features: int = 1 << 18
+    max_n: int = 2
+    dim: int = 16
+    epochs: int = 5
+    lr: float = 0.05
+
+
 METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions,
-                                   "group_mates": GroupMatesOptions}
+                                   "group_mates": GroupMatesOptions, "perplexity": PerplexityOptions,
+                                   "dsir": DsirOptions, "classifier": ClassifierOptions}
 
 
 @dataclass(kw_only=True)
@@ -286,6 +315,9 @@ def _validate(recipe: Recipe) -> Recipe:
         _require(opts.probe_batch >= 1, "stages.options.probe_batch", ">= 1", opts.probe_batch)
         _require(1 <= opts.encoder_layers <= 6, "stages.options.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
+    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_reference"):
+        if hasattr(opts, key):
+            _require(getattr(opts, key) >= 1, f"stages.options.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):
         for key in ("trajectory_length", "n_clusters", "relational_epochs"):
             _require(getattr(opts, key) >= 1, f"stages.options.{key}", ">= 1", getattr(opts, key))

@@ -67,13 +67,29 @@ METRICS = _schema("metrics", [
     pa.field("train_seconds", pa.float64(), nullable=False),
 ])
 
+# <comparison>/runs.parquet: one row per (method, seed) run of `mates compare`.
+COMPARISON_RUNS = _schema("comparison_runs", [
+    pa.field("method", pa.string(), nullable=False),
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("run", pa.string(), nullable=False),               # the run's URL
+    pa.field("final_cloze_loss", pa.float64(), nullable=False),
+    pa.field("final_heldout_perplexity", pa.float64(), nullable=False),
+    pa.field("tokens_seen", pa.int64(), nullable=False),
+    # training tokens at which the run's cloze loss first reaches random's mean final cloze loss
+    # (linear between evaluation points); null when it never does
+    pa.field("tokens_to_random_final", pa.float64(), nullable=True),
+    pa.field("curation_seconds", pa.float64(), nullable=False),  # curated stages (k >= 1)
+    pa.field("train_seconds", pa.float64(), nullable=False),     # all stages
+])
+
 # <data>/reference/{cloze,heldout}.parquet: tokenized reference sets.
 REFERENCE = _schema("reference", [
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("target_start", pa.int32(), nullable=False),  # loss counted on tokens >= this index
 ])
 
-ALL = {s.metadata[b"mates.table"].decode(): s for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, REFERENCE)}
+ALL = {s.metadata[b"mates.table"].decode(): s
+       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, REFERENCE, COMPARISON_RUNS)}
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

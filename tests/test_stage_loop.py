@@ -110,15 +110,22 @@ def test_other_recipe_in_same_run_is_refused(clean_run, s3_pool):
     assert result.returncode == 2 and "another recipe" in result.stderr
 
 
-def test_two_process_launcher(s3_pool, s3_server):
-    """`composer -n 2` runs the loop with gloo; rank 0 writes, both ranks read the stage index."""
+def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
+    """`composer -n 2` runs the loop with gloo and `method: mates`: rank 0 probes and fits, each
+    rank scores its half of the candidates into its own part, rank 0 selects and writes the index."""
     import boto3
+
+    from curation.influence_model import InfluenceModel
+    from curation.data.tokenizer import load_pool_tokenizer
+    from curation.scoring import score_samples
+    from tests.test_mates_e2e import MATES_OPTIONS
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-ddp")
     run = "s3://mates-run-ddp/run"
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     result = subprocess.run([composer, "-n", "2", "--master_port", str(free_port()), "-m", "jobs.cli", "run",
-                             MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}"],
+                             MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
+                             "--set", "stages.method=mates", "--set", MATES_OPTIONS],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     metrics = read_parquet(run, "metrics.parquet").to_pylist()
@@ -126,4 +133,17 @@ def test_two_process_launcher(s3_pool, s3_server):
     assert metrics[-1]["batches_seen"] == 50
     # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
     assert metrics[-1]["cloze_loss"] < metrics[0]["cloze_loss"]
+    stage = join(run, "stages", "1")
     assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
+    assert sorted(store_for(stage).listdir("scores")) == ["part-00000.parquet", "part-00001.parquet"]
+    parts = [read_parquet(stage, "scores", f"part-0000{r}.parquet") for r in (0, 1)]
+    assert [p.num_rows for p in parts] == [200, 200]
+    ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])
+    pred = np.concatenate([np.asarray(p.column("prediction")) for p in parts])
+    ranks = np.concatenate([np.asarray(p.column("rank")) for p in parts])
+    assert np.array_equal(np.sort(ranks), np.arange(400))  # global ranks, written back by rank 0
+    # each rank's predictions are the saved influence model's, as one process computes them
+    model = InfluenceModel.from_pretrained(join(stage, "influence_model"))
+    expected = score_samples(model, join(s3_pool, "pool"), ids, load_pool_tokenizer(s3_pool), batch_size=64)
+    np.testing.assert_allclose(pred, expected, rtol=1e-4, atol=1e-5)
+    assert "\"score_parts\": 2" in store_for(stage).read_bytes("_SUCCESS").decode()

@@ -1,7 +1,7 @@
 """The stage loop (`mates run`): staged Composer pretraining with curation at every boundary.
 
 For stage k = 0..K-1:
-  1. curation (rank 0): unless `stages/k/_SUCCESS` exists, run the recipe's method (stage 0:
+  1. curation (rank 0; every rank scores its slice of the candidates where the method allows): unless `stages/k/_SUCCESS` exists, run the recipe's method (stage 0:
      `random`, there is no trained model yet) on stage k's candidate pool, from the model state at
      the end of stage k-1, and commit `stages/k/` (index, streams, selection, _SUCCESS);
   2. training: a Composer Trainer on stage k's streams for `stages.batches[k]` batches, starting
@@ -204,28 +204,36 @@ def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
 
 
 def curate_if_needed(ctx: RunContext, stage: int) -> float:
+    """Every rank calls this: rank 0 curates, the others help where the method scores in parallel."""
     if stage_committed(ctx.recipe.run, stage):
         return 0.0
     method = ctx.recipe.stages.method if stage > 0 else "random"
     t0 = time.perf_counter()
-    ctx.log(f"stage {stage}: curating {len(ctx.pools[stage])} candidates with `{method}`")
-    run_stage_job(ctx.stage_context(stage), method)
+    rank = dist_utils.rank()
+    if rank == 0:
+        ctx.log(f"stage {stage}: curating {len(ctx.pools[stage])} candidates with `{method}`")
+    run_stage_job(ctx.stage_context(stage), method, rank=rank, world_size=dist_utils.world_size(),
+                  barrier=dist_utils.barrier)
     return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------- the loop
-def run_recipe(recipe: Recipe, log=print) -> None:
+def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> None:
+    """Train every stage (or stages 0..`until_stage`), curating at each boundary; resumable."""
+    last = recipe.stages.count - 1 if until_stage is None else until_stage
+    if not 0 <= last < recipe.stages.count:
+        raise MatesError(f"`--until-stage` must be in [0, {recipe.stages.count - 1}]; got {until_stage}.")
     dist_utils.init(recipe.device)
     ctx = RunContext(recipe, log)
     rank = dist_utils.rank()
     if rank == 0:
         _commit_recipe(recipe)
     dist_utils.barrier()
-    for stage in range(recipe.stages.count):
+    for stage in range(last + 1):
         if ctx.ckpt_store.exists(state_name(stage)):
             log(f"stage {stage}: already trained (state committed); skipping")
             continue
-        curation_seconds = curate_if_needed(ctx, stage) if rank == 0 else 0.0
+        curation_seconds = curate_if_needed(ctx, stage)
         dist_utils.barrier()
         if stage == 0 and rank == 0:
             lm = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)

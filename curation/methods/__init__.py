@@ -15,6 +15,9 @@ REGISTRY = {
     "random": "curation.methods.random_method:RandomMethod",
     "mates": "curation.methods.mates_method:MatesMethod",
     "group_mates": "curation.methods.group_mates_method:GroupMatesMethod",
+    "perplexity": "curation.methods.perplexity_method:PerplexityMethod",
+    "dsir": "curation.methods.dsir_method:DsirMethod",
+    "classifier": "curation.methods.classifier_method:ClassifierMethod",
 }
 
 

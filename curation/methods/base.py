@@ -29,12 +29,25 @@ class StageContext:
 
 
 class CurationMethod:
-    """Subclasses implement `predict`; `select` may be overridden (Group-MATES does)."""
+    """Subclasses implement `predict`; `select` may be overridden (Group-MATES does).
+
+    A method whose per-candidate work is data-parallel sets `parallel_scoring` and implements
+    `prepare` (once, on rank 0: what every rank needs, saved under the stage) and `score_slice`
+    (on every rank, for its slice of the candidates); `predict` is then the two in one process.
+    """
 
     name = "base"
     n_buckets = 4
+    parallel_scoring = False
 
     def predict(self, ctx: StageContext) -> np.ndarray:
+        self.prepare(ctx)
+        return self.score_slice(ctx, ctx.candidates)
+
+    def prepare(self, ctx: StageContext) -> None:
+        raise NotImplementedError
+
+    def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:

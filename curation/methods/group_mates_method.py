@@ -29,6 +29,8 @@ from schemas.storage import join, write_parquet
 
 class GroupMatesMethod(MatesMethod):
     name = "group_mates"
+    # Clustering needs every candidate's embedding in one process: rank 0 scores them all.
+    parallel_scoring = False
 
     def group_oracle(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Random trajectories and their per-step oracle increments: ([n, T] ids, [n, T])."""

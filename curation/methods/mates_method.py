@@ -105,15 +105,26 @@ class MatesMethod(CurationMethod):
         failpoint("fit")
         return model, pool, tokenizer, pad_id
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
+    parallel_scoring = True
+
+    def prepare(self, ctx: StageContext) -> None:
+        """Probe and fit on rank 0; the model is saved under the stage for every rank to load."""
+        self.model, self.pool, self.tokenizer, _ = self.influence_model(ctx)
+
+    def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """Predicted influence of `sample_ids` (this rank's slice of the candidates)."""
+        from curation.influence_model import InfluenceModel
         from curation.scoring import score_samples
 
-        model, pool, tokenizer, _ = self.influence_model(ctx)
+        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
+            self.model = InfluenceModel.from_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
+            self.pool = MDSFolder(join(ctx.data_url, "pool"))
+            self.tokenizer = load_pool_tokenizer(ctx.data_url)
         t0 = time.perf_counter()
-        pred = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=ctx.options.batch_size * 4,
-                             device=ctx.device)
+        pred = score_samples(self.model, self.pool, sample_ids, self.tokenizer,
+                             batch_size=ctx.options.batch_size * 4, device=ctx.device)
         ctx.timings["score"] = time.perf_counter() - t0
         failpoint("score")
-        ctx.log(f"  scored {len(ctx.candidates)} candidates in {ctx.timings['score']:.1f} s "
-                f"({len(ctx.candidates) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
+        ctx.log(f"  scored {len(sample_ids)} candidates in {ctx.timings['score']:.1f} s "
+                f"({len(sample_ids) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
         return np.asarray(pred, dtype=np.float64)

@@ -1,0 +1,29 @@
+"""Text views that the text-based baselines share: the stage's candidates and the reference set."""
+from __future__ import annotations
+
+from curation.data.tokenizer import load_pool_tokenizer
+from curation.methods.base import StageContext
+from curation.pool import MDSFolder
+from schemas.storage import join, read_parquet
+
+
+def candidate_texts(ctx: StageContext) -> list[str]:
+    """The decoded text of every candidate of the stage, in `ctx.candidates` order."""
+    from curation.scoring import pool_texts
+
+    return pool_texts(MDSFolder(join(ctx.data_url, "pool")), ctx.candidates, load_pool_tokenizer(ctx.data_url))
+
+
+def reference_texts(ctx: StageContext, name: str, limit: int | None) -> list[str]:
+    """The decoded reference examples (the same rows MATES' oracle measures L_ref on)."""
+    table = read_parquet(ctx.data_url, "reference", f"{name}.parquet")
+    rows = table.column("input_ids").to_pylist()[:limit] if limit else table.column("input_ids").to_pylist()
+    return load_pool_tokenizer(ctx.data_url).decode_batch(rows, skip_special_tokens=True)
+
+
+def zscore(values):
+    """(v - mean) / std, so that one temperature means the same for every method's scores."""
+    import numpy as np
+
+    v = np.asarray(values, dtype=np.float64)
+    return (v - v.mean()) / max(float(v.std()), 1e-12)
