@@ -309,21 +309,23 @@ def _validate(recipe: Recipe) -> Recipe:
                          f"got {st.method!r}.")
     recipe.method_options = _method_options(st)
     opts = recipe.method_options
-    _require(opts.temperature > 0, "stages.options.temperature", "> 0", opts.temperature)
+    per_method = bool(st.options) and all(k in METHOD_OPTIONS for k in st.options)
+    where = f"stages.options.{st.method}" if per_method else "stages.options"  # the key the user wrote
+    _require(opts.temperature > 0, f"{where}.temperature", "> 0", opts.temperature)
     if hasattr(opts, "n_probes"):
-        _require(opts.n_probes >= 1, "stages.options.n_probes", ">= 1", opts.n_probes)
-        _require(opts.probe_batch >= 1, "stages.options.probe_batch", ">= 1", opts.probe_batch)
-        _require(1 <= opts.encoder_layers <= 6, "stages.options.encoder_layers", "in [1, 6]",
+        _require(opts.n_probes >= 1, f"{where}.n_probes", ">= 1", opts.n_probes)
+        _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
+        _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
     for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_reference"):
         if hasattr(opts, key):
-            _require(getattr(opts, key) >= 1, f"stages.options.{key}", ">= 1", getattr(opts, key))
+            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):
         for key in ("trajectory_length", "n_clusters", "relational_epochs"):
-            _require(getattr(opts, key) >= 1, f"stages.options.{key}", ">= 1", getattr(opts, key))
-        _require(opts.n_trajectories >= 10, "stages.options.n_trajectories",
+            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
+        _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
                  ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
-        _require(opts.quota_temperature > 0, "stages.options.quota_temperature", "> 0",
+        _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",
                  opts.quota_temperature)
     _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}",
              m.n_heads)

@@ -154,3 +154,15 @@ def test_query_group_views_over_s3(group_run):
     run, _ = group_run
     result = mates("query", run, "SELECT count(*) AS n FROM trajectories", "--csv", "-")
     assert result.returncode == 0 and result.stdout.strip().splitlines()[1] == "48", result.stderr
+
+
+def test_report_of_runs_over_s3_plots_influence_and_clusters(mates_run, group_run, tmp_path):
+    """`mates report RUN` on s3:// runs: the influence scatter (mates) and clusters (group_mates)."""
+    from tests.test_compare_report import _assert_valid_pngs
+
+    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "influence.png"]),
+                               (group_run, ["loss.png", "sources.png", "influence.png", "clusters.png"])):
+        out = tmp_path / run.split("/")[2]
+        result = mates("report", run, "--out", str(out))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert _assert_valid_pngs(str(out / "index.html")) == expected

@@ -61,6 +61,22 @@ def test_stage_batches_list_must_match_count():
 def test_method_options_validated_against_method():
     assert "`stages.options.n_probes`" in error_of({"stages": {"method": "random", "options": {"n_probes": 3}}})
     assert "`stages.options.n_probes`" in error_of({"stages": {"method": "mates", "options": {"n_probes": 0}}})
+    # per-method blocks: the error names the key inside the block the user wrote
+    assert "`stages.options.dsir.n_features`" in error_of(
+        {"stages": {"method": "dsir", "options": {"dsir": {"n_features": 0}}}})
+    assert "`stages.options.perplexity.band` must be one of 'middle', 'low', 'high'" in error_of(
+        {"stages": {"method": "perplexity", "options": {"perplexity": {"band": "top"}}}})
+
+
+def test_demo_recipe_is_the_bench_recipe_with_method_mates():
+    """`make demo` is one of the comparison's runs: the two recipes may differ in these keys only."""
+    from jobs.commands import recipe_path
+    from schemas.recipe import load_recipe
+
+    bench, demo = (load_recipe(recipe_path(n)).to_dict() for n in ("bench", "demo"))
+    assert {k for k in bench if bench[k] != demo[k]} == {"run", "stages"}
+    assert {k for k in bench["stages"] if bench["stages"][k] != demo["stages"][k]} == {"method"}
+    assert demo["stages"]["method"] == "mates"
 
 
 def test_missing_required_and_bad_yaml(tmp_path):

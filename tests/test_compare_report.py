@@ -1,0 +1,165 @@
+"""The baselines, `mates compare` and `mates report` on the micro pool (local folder)."""
+import json
+import os
+import zlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from curation.methods.dsir_method import log_importance_weights
+from training.compare import tokens_to_reach
+from tests.conftest import MICRO_RECIPE, mates
+
+pytestmark = pytest.mark.slow
+METHODS = "random,dsir,classifier,perplexity"
+
+
+# ---------------------------------------------------------------- units
+def test_dsir_log_weights_match_the_formula():
+    """log w(x) = sum over x's hashed n-grams of log p_target - log p_raw, add-one smoothed."""
+    target, raw, F = ["the cat sat", "the cat ran"], ["the cat sat", "dogs bark loudly", "the"], 1 << 20
+
+    def ids(text):
+        w = text.split()
+        grams = w + [" ".join(w[i:i + 2]) for i in range(len(w) - 1)]
+        return [zlib.crc32(g.encode()) % F for g in grams]
+
+    def log_p(texts):
+        counts = np.ones(F)
+        for t in texts:
+            np.add.at(counts, ids(t), 1)
+        return np.log(counts / counts.sum())
+
+    ratio = log_p(target) - log_p(raw)
+    expected = [ratio[ids(t)].sum() for t in raw]
+    got = log_importance_weights(raw, target, F, 2)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    assert got[0] > 0 > got[1]  # the target's own text is up-weighted, unrelated text down
+
+
+def test_perplexity_sample_losses_equal_the_models_own_loss(local_pool):
+    from curation.data.tokenizer import EOS, load_pool_tokenizer
+    from curation.lm import build_causal_lm
+    from curation.methods.perplexity_method import sample_losses
+    from curation.pool import MDSFolder
+    from schemas.recipe import load_recipe
+
+    tok = load_pool_tokenizer(local_pool)
+    model = build_causal_lm(load_recipe(MICRO_RECIPE).model, tok.get_vocab_size(), tok.token_to_id(EOS), seed=0).eval()
+    pool = MDSFolder(os.path.join(local_pool, "pool"))
+    ids = np.arange(0, 40, 3)
+    got = sample_losses(model, pool, ids, tok.token_to_id(EOS), batch_size=5, device="cpu")
+    with torch.no_grad():
+        expected = [float(model(input_ids=torch.as_tensor(pool[int(i)]["tokens"].astype(np.int64))[None],
+                                labels=torch.as_tensor(pool[int(i)]["tokens"].astype(np.int64))[None]).loss)
+                    for i in ids]
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert np.std(got) > 0
+
+
+def test_tokens_to_reach_interpolates_between_evaluations():
+    tokens, losses = [0, 100, 200, 300], [8.0, 6.0, 5.0, 4.0]
+    assert tokens_to_reach(tokens, losses, 5.5) == pytest.approx(150.0)
+    assert tokens_to_reach(tokens, losses, 4.0) == pytest.approx(300.0)
+    assert tokens_to_reach(tokens, losses, 3.9) is None
+
+
+# ---------------------------------------------------------------- compare + report
+@pytest.fixture(scope="module")
+def comparison(local_pool, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("compare"))
+    args = ["compare", MICRO_RECIPE, "--methods", METHODS, "--seeds", "2", "--jobs", "2", "--out", out,
+            "--set", f"data={local_pool}", "--set", "stages.pool_per_stage=300"]
+    result = mates(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, args, result
+
+
+def _sources(local_pool, ids):
+    catalog = pq.read_table(os.path.join(local_pool, "catalog", "samples.parquet")).to_pydict()
+    source = dict(zip(catalog["sample_id"], catalog["source"]))
+    return [source[i] for i in ids]
+
+
+def test_compare_table_and_shared_warmup(comparison, local_pool):
+    out, _, result = comparison
+    runs = pq.read_table(os.path.join(out, "runs.parquet")).to_pylist()
+    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS.split(",") for s in (17, 18))
+    table = open(os.path.join(out, "comparison.md")).read()
+    for method in METHODS.split(","):
+        assert f"| {method} | 2 | " in table
+    assert "| random | 2 | " in result.stdout and "mates compare" in table
+    for seed in (17, 18):
+        warm = os.path.join(out, "runs", f"seed-{seed}", "warmup")
+        warm_sel = pq.read_table(os.path.join(warm, "stages", "0", "selection.parquet"))
+        warm_metrics = pq.read_table(os.path.join(warm, "metrics.parquet")).to_pylist()
+        finals = []
+        for method in METHODS.split(","):
+            run = os.path.join(out, "runs", f"seed-{seed}", method)
+            # every method starts from the same stage 0: same selection, same model metrics
+            assert pq.read_table(os.path.join(run, "stages", "0", "selection.parquet")).equals(warm_sel)
+            metrics = pq.read_table(os.path.join(run, "metrics.parquet")).to_pylist()
+            assert metrics[:2] == warm_metrics and [m["stage"] for m in metrics] == [-1, 0, 1]
+            manifest = json.load(open(os.path.join(run, "stages", "0", "index", "streams.json")))
+            assert all(s["remote"].startswith(run) for s in manifest["streams"])  # not the warm-up's
+            finals.append(metrics[-1]["cloze_loss"])
+        assert len(set(np.round(finals, 6))) == len(finals)  # stage 1 differs by method
+    assert len({r["final_cloze_loss"] for r in runs if r["method"] == "random"}) == 2  # seeds differ
+
+
+def test_text_baselines_move_the_mix_toward_the_reference(comparison, local_pool):
+    """dsir and classifier target the (English Wikipedia) reference set: more wiki_en than the pool."""
+    out, _, _ = comparison
+    for method in ("dsir", "classifier"):
+        sel = pq.read_table(os.path.join(out, "runs", "seed-17", method, "stages", "1", "selection.parquet")).to_pydict()
+        chosen = [i for i, k in zip(sel["sample_id"], sel["selected"]) if k]
+        pool_share = _sources(local_pool, sel["sample_id"]).count("wiki_en") / len(sel["sample_id"])
+        share = _sources(local_pool, chosen).count("wiki_en") / len(chosen)
+        assert share > pool_share + 0.05, (method, share, pool_share)
+
+
+def test_compare_again_runs_nothing(comparison):
+    out, args, _ = comparison
+    marker = os.path.join(out, "runs", "seed-17", "dsir", "stages", "1", "_SUCCESS")
+    before = os.stat(marker).st_mtime_ns
+    result = mates(*args)
+    assert result.returncode == 0 and "compare: [" not in result.stderr
+    assert os.stat(marker).st_mtime_ns == before
+
+
+def _assert_valid_pngs(page: str) -> list[str]:
+    import re
+
+    import matplotlib.image
+
+    html = open(page, encoding="utf-8").read()
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert images and "http" not in "".join(images)
+    for name in images:
+        path = os.path.join(os.path.dirname(page), name)
+        with open(path, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100 and pixels.std() > 0
+    return images
+
+
+def test_report_of_a_comparison(comparison, tmp_path):
+    out, _, _ = comparison
+    result = mates("report", out, "--out", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    images = _assert_valid_pngs(str(tmp_path / "report" / "index.html"))
+    assert images == ["loss.png", "sources.png"]  # no probes, no clusters among these methods
+    assert "<table>" in open(tmp_path / "report" / "index.html").read()
+
+
+def test_compare_refuses_bad_arguments_before_any_work(local_pool, tmp_path):
+    result = mates("compare", MICRO_RECIPE, "--methods", "random,nope", "--out", str(tmp_path / "c"),
+                   "--set", f"data={local_pool}")
+    assert result.returncode == 2 and "`--methods`" in result.stderr and "nope" in result.stderr
+    result = mates("compare", MICRO_RECIPE, "--methods", "random,dsir", "--out", str(tmp_path / "c"),
+                   "--set", f"data={local_pool}", "--set", "stages.options.dsir.n_features=0")
+    assert result.returncode == 2 and "stages.options.dsir.n_features" in result.stderr
+    assert not os.path.exists(tmp_path / "c" / "runs")
