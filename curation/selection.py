@@ -13,12 +13,27 @@ from schemas import tables
 from schemas.errors import MatesError
 
 
-def gumbel_top_k(pred: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
-    """Boolean mask [N] of the k kept candidates."""
+def standardized(pred: np.ndarray) -> np.ndarray:
+    """(pred - mean) / std; all zeros when the predictions are constant (`random`)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    std = float(pred.std())
+    return (pred - pred.mean()) / std if std > 0 else np.zeros_like(pred)
+
+
+def gumbel_top_k(pred: np.ndarray, k: int, temperature: float, rng: np.random.Generator, *,
+                 standardize: bool = False) -> np.ndarray:
+    """Boolean mask [N] of the k kept candidates.
+
+    `standardize` measures τ in units of the predictions' spread (key = -z(pred)/τ + g). A
+    regression fitted with MSE to noisy labels shrinks its outputs toward the mean: the demo's
+    influence model (held-out Spearman ~0.35) predicts with std ~0.2 of the z-scored labels, and at
+    τ = 0.5 on those raw outputs the Gumbel noise (std 1.28) is 3x the signal: a near-random pick.
+    """
     n = len(pred)
     if not 0 <= k <= n:
         raise MatesError(f"`k` must be in [0, {n}] (the candidates); got {k}.")
-    keys = -np.asarray(pred, dtype=np.float64) / temperature + rng.gumbel(size=n)  # [N]
+    scores = standardized(pred) if standardize else np.asarray(pred, dtype=np.float64)
+    keys = -scores / temperature + rng.gumbel(size=n)  # [N]
     mask = np.zeros(n, dtype=bool)
     mask[np.argpartition(-keys, k - 1)[:k] if k else []] = True
     return mask

@@ -53,3 +53,18 @@ def test_candidate_pools_disjoint_and_checked():
     with pytest.raises(MatesError, match="pool_per_stage"):
         candidate_pools(100, count=3, per_stage=50, seed=5)
     assert n_selected(400, 0.5) == 200 and n_selected(3, 0.01) == 1
+
+
+def test_standardized_selection_ignores_the_predictions_scale():
+    """With `standardize`, τ is in units of the predictions' std: a shrunk regression output
+    (std 0.2) selects exactly as its z-scores do, and far more selectively than raw at τ = 0.5."""
+    signal = np.random.default_rng(0).normal(size=2000)
+    shrunk = 0.2 * signal + 3.0
+    a = gumbel_top_k(shrunk, 400, 0.5, np.random.default_rng(5), standardize=True)
+    b = gumbel_top_k(signal, 400, 0.5, np.random.default_rng(5), standardize=False)
+    assert np.array_equal(a, b)
+    raw = gumbel_top_k(shrunk, 400, 0.5, np.random.default_rng(5))
+    # lower is better: the standardized pick's mean signal is far lower than the raw pick's
+    assert signal[a].mean() < -1.0 and signal[raw].mean() > -0.6
+    const = gumbel_top_k(np.full(50, 2.0), 10, 0.5, np.random.default_rng(1), standardize=True)
+    assert const.sum() == 10  # constant predictions (random) are not a division by zero

@@ -39,6 +39,7 @@ class CurationMethod:
     name = "base"
     n_buckets = 4
     parallel_scoring = False
+    standardize_for_selection = False   # Gumbel τ in units of the predictions' std (see selection.py)
 
     def predict(self, ctx: StageContext) -> np.ndarray:
         self.prepare(ctx)
@@ -52,5 +53,6 @@ class CurationMethod:
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         rng = np.random.default_rng([ctx.seed, ctx.stage, 7919])
-        mask = gumbel_top_k(pred, ctx.n_select, ctx.options.temperature, rng)
+        mask = gumbel_top_k(pred, ctx.n_select, ctx.options.temperature, rng,
+                            standardize=self.standardize_for_selection)
         return score_buckets(ctx.candidates, pred, mask, self.n_buckets)

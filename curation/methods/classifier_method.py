@@ -13,7 +13,8 @@ import torch
 
 from curation.hashed_ngrams import ngram_bags
 from curation.methods.base import CurationMethod, StageContext
-from curation.methods.texts import candidate_texts, reference_texts, zscore
+from curation.methods.texts import candidate_texts, reference_texts
+from curation.selection import standardized
 
 
 class NgramClassifier(torch.nn.Module):
@@ -74,4 +75,4 @@ class ClassifierMethod(CurationMethod):
         logits = classifier_logits(model, texts, opts.n_features, opts.max_n)
         ctx.log(f"  classifier: trained on {len(target)} reference vs {len(texts)} candidate texts; "
                 f"candidate logit mean {logits.mean():+.2f}, std {logits.std():.2f}")
-        return -zscore(logits)
+        return -standardized(logits)

@@ -106,6 +106,7 @@ class MatesMethod(CurationMethod):
         return model, pool, tokenizer, pad_id
 
     parallel_scoring = True
+    standardize_for_selection = True  # the influence model's outputs are shrunk (selection.py)
 
     def prepare(self, ctx: StageContext) -> None:
         """Probe and fit on rank 0; the model is saved under the stage for every rank to load."""

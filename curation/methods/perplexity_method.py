@@ -15,8 +15,8 @@ import torch
 from curation.batching import collate_samples, token_losses
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.methods.base import CurationMethod, StageContext
-from curation.methods.texts import zscore
 from curation.pool import MDSFolder
+from curation.selection import standardized
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state
 from schemas.storage import join
@@ -52,5 +52,5 @@ class PerplexityMethod(CurationMethod):
                                batch_size=ctx.options.batch_size, device=ctx.device)
         ctx.log(f"  perplexity: candidate loss median {np.median(losses):.3f}, "
                 f"5%-95% {np.percentile(losses, 5):.3f}-{np.percentile(losses, 95):.3f}; band `{ctx.options.band}`")
-        z = zscore(losses)
+        z = standardized(losses)
         return {"middle": np.abs(z), "low": z, "high": -z}[ctx.options.band]

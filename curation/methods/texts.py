@@ -20,10 +20,3 @@ def reference_texts(ctx: StageContext, name: str, limit: int | None) -> list[str
     rows = table.column("input_ids").to_pylist()[:limit] if limit else table.column("input_ids").to_pylist()
     return load_pool_tokenizer(ctx.data_url).decode_batch(rows, skip_special_tokens=True)
 
-
-def zscore(values):
-    """(v - mean) / std, so that one temperature means the same for every method's scores."""
-    import numpy as np
-
-    v = np.asarray(values, dtype=np.float64)
-    return (v - v.mean()) / max(float(v.std()), 1e-12)
