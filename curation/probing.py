@@ -16,6 +16,14 @@ Lower I(x) (a larger drop of the reference loss) is better data. Two methods:
   number per prober.
 * `first_order`: I(x) ~ grad L_ref(theta) . delta_x, with the same exact delta_x. One reference
   gradient per prober, then each probe costs a per-sample gradient and a dot product.
+* `preconditioned` (ours, not the papers'): first order with delta_x = -lr g / (sqrt(v_hat) + eps),
+  x's own clipped gradient under the stored Adam preconditioner, without the momentum and without
+  x's term in v. Why: in the one-step Adam update the shared momentum b1 m dominates delta_x, and
+  x acts mostly through (1 - b2) g^2 in v, which shrinks that shared step. When the momentum step
+  raises L_ref (the demo's stage boundaries: mean I(x) > 0), high-gradient text (character noise)
+  then looks helpful because it damps the step most (measured: char_noise probes at z = -0.6 in
+  every stage of the bench comparison). This variant scores x by its own direction only
+  (Adam-preconditioned gradient alignment with the reference, as in LESS, Xia et al. 2024).
 `slow_reference_influence` is the plain baseline (deepcopy + torch.optim.AdamW per probe) that the
 tests and `mates bench probe` compare against.
 """
@@ -31,7 +39,7 @@ from torch.func import functional_call, grad, vmap
 from curation.batching import IGNORE, ReferenceSet, collate_samples
 from schemas.errors import MatesError
 
-METHODS = ("exact", "first_order")
+METHODS = ("exact", "first_order", "preconditioned")
 # Probes per vmapped reference forward. A GPU needs many at once to fill it, up to this many logit
 # elements ([probes, R, K, V]; 2^27 fp32 = 512 MiB). A CPU is already busy with one: measured on
 # the demo model, 8 probes per vmap cost 1.1-2.8x more per probe than 1, so CPUs go one at a time.
@@ -185,6 +193,10 @@ class OracleProber:
             g = g.contiguous()  # a data-independent grad comes back from vmap expanded (stride 0)
             if self.clip > 0:
                 g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+            if self.method == "preconditioned":      # x's direction under the stored preconditioner
+                v_hat = self.exp_avg_sq[n] / (1 - self.b2 ** max(self.step[n], 1.0))
+                delta[n] = g.div_(v_hat.sqrt().add_(self.eps)).mul_(-self.lr)
+                continue
             t = self.step[n] + 1
             v = (g * g).mul_(1 - self.b2).add_(self.exp_avg_sq[n], alpha=self.b2)   # v_t
             m = g.mul_(1 - self.b1).add_(self.exp_avg[n], alpha=self.b1)            # m_t

@@ -98,7 +98,7 @@ class RandomOptions:
 @dataclass(kw_only=True)
 class MatesOptions:
     temperature: float = 0.5          # Gumbel-top-k temperature tau (authors: 0.5)
-    probe_method: Literal["exact", "first_order"] = "exact"
+    probe_method: Literal["exact", "first_order", "preconditioned"] = "exact"
     n_probes: int = 256
     probe_batch: int = 16
     reference: Literal["cloze", "heldout"] = "cloze"

@@ -149,3 +149,40 @@ def test_bench_probe_reports_every_metric_and_leaves_the_state_untouched(state, 
     # The baseline once wrote its AdamW step into the stored moments (load_state_dict aliases).
     for key in ("model", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(before[key][n], state[key][n]) for n in state[key])
+
+
+def test_preconditioned_is_the_adam_preconditioned_gradient_alignment(state, reference, samples):
+    """`preconditioned` = -lr * grad L_ref . (g_x / (sqrt(v_hat) + eps)), with x's clipped gradient
+    and the stored second moment, computed here with plain autograd on one model per probe."""
+    from curation.batching import collate_sequences, token_losses
+
+    got = probe_influence(state, reference, samples[:5], method="preconditioned", pad_id=0,
+                          dtype=torch.float64)
+    model = model_from_state(state, "cpu", torch.float64)
+    params = dict(model.named_parameters())
+    hp = state["hparams"]
+
+    def flat_grad(loss):
+        model.zero_grad()
+        loss.backward()
+        return {n: p.grad.detach().clone() for n, p in params.items()}
+
+    total, count = 0.0, 0
+    for batch in reference:
+        loss, n = token_losses(model(input_ids=batch["input_ids"]).logits, batch["labels"])
+        total, count = total + loss.sum(), count + int(n.sum())
+    ref_grad = flat_grad(total / count)
+    expected = []
+    for sample in samples[:5]:
+        b = collate_sequences([sample["tokens"]], 0)
+        loss, n = token_losses(model(input_ids=b["input_ids"]).logits, b["labels"])
+        g = flat_grad(loss.sum() / n.sum())
+        norm = torch.sqrt(sum((x ** 2).sum() for x in g.values()))
+        scale = min(1.0, hp["grad_clip_norm"] / (float(norm) + 1e-6)) if hp.get("grad_clip_norm") else 1.0
+        score = 0.0
+        for name, gx in g.items():
+            v_hat = state["exp_avg_sq"][name].double() / (1 - hp["betas"][1] ** max(state["step"][name], 1.0))
+            score += float((ref_grad[name] * (-hp["lr"]) * scale * gx / (v_hat.sqrt() + hp["eps"])).sum())
+        expected.append(score)
+    assert np.abs(expected).max() > 0
+    assert rel_diff(got, np.array(expected)) < 1e-8
