@@ -1,7 +1,7 @@
 """Read-only DuckDB views over every table of a run (and its pool's sample catalog).
 
-Views: `samples` (the catalog), `metrics`, and across committed stages `probes`, `trajectories`,
-`scores`, `selection`, `stages` (one row per committed stage, from its `_SUCCESS` marker). A stage
+Views: `samples` (the catalog), `metrics` (stage x eval set), and across committed stages `probes`,
+`trajectories`, `scores`, `selection`, `audit` (preferences per catalog group), `stages` (one row per committed stage, from its `_SUCCESS` marker). A stage
 without `_SUCCESS` does not exist here either.
 
 Read-only by construction: the run and data roots are mounted through fsspec filesystems that
@@ -18,7 +18,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 from schemas.errors import MatesError
 from schemas.storage import join, store_for
 
-TABLES = ("probes", "trajectories", "scores", "selection")
+TABLES = ("probes", "trajectories", "scores", "selection", "audit")
 
 
 class _ReadOnlyDir(DirFileSystem):
@@ -76,7 +76,7 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
         for stage in stages:
             files = ", ".join(f"'matesrun://{f}'" for f in _stage_files(run_url, stage, table))
             if files:
-                pick = "*" if table in ("probes", "trajectories") else f"{stage}::INTEGER AS stage, *"
+                pick = "*" if table in ("probes", "trajectories", "audit") else f"{stage}::INTEGER AS stage, *"
                 parts.append(f"SELECT {pick} FROM read_parquet([{files}])")
         if parts:
             con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))

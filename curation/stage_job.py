@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from curation.audit import audit_line, audit_table
 from curation.index_writer import stage_committed, stage_url, write_stage_index
 from curation.methods import get_method
 from curation.methods.base import StageContext
@@ -77,6 +78,22 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int,
     return np.concatenate([np.asarray(p.column("prediction"), dtype=np.float64) for p in parts])
 
 
+def write_audit(ctx: StageContext, method, pred: np.ndarray, selection: pa.Table) -> pa.Table:
+    """stages/<k>/audit.parquet: preferences per catalog group (curation/audit.py); one log line."""
+    ids, keep = np.asarray(selection.column("sample_id")), np.asarray(selection.column("selected"))
+    selected = np.zeros(len(ctx.candidates), dtype=bool)
+    selected[np.searchsorted(ctx.candidates, ids[keep])] = True   # candidates are sorted
+    groups = read_parquet(ctx.data_url, "catalog", "samples.parquet").select(["sample_id", ctx.audit_by])
+    probe_ids, influence = getattr(method, "probed", (None, None))
+    table = audit_table(groups, stage=ctx.stage, group_by=ctx.audit_by, candidates=ctx.candidates, scores=pred,
+                        selected=selected, probe_ids=probe_ids, probe_influence=influence)
+    write_parquet(table, stage_url(ctx.run_url, ctx.stage), "audit.parquet")
+    line = audit_line(table)
+    if line:
+        ctx.log(f"  {line}")
+    return table
+
+
 def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_size: int = 1,
                   barrier=_no_barrier) -> dict:
     """Run the job for `ctx.stage` unless it is committed; returns the stage marker fields.
@@ -103,6 +120,7 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
         pred = method.predict(ctx)
     pred = _check_predictions(pred, len(ctx.candidates), method_name)
     selection = method.select(ctx, pred)
+    write_audit(ctx, method, pred, selection)
     clusters = getattr(method, "clusters", None)
     order = ranks(pred)
     bounds = np.cumsum([0] + [len(p) for p in np.array_split(np.arange(len(pred)), world_size)])
@@ -112,7 +130,7 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
                              None if clusters is None else clusters[lo:hi], order[lo:hi])
         write_parquet(part, url, "scores", _part_name(r))
     seconds = time.perf_counter() - started
-    extra = {"curation_seconds": seconds, "score_parts": world_size if method.parallel_scoring else 1,
+    extra = {"curation_seconds": seconds, "target": ctx.target, "score_parts": world_size if method.parallel_scoring else 1,
              **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics}
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                       stage=ctx.stage, method=method_name, extra=extra)

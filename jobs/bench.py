@@ -60,8 +60,7 @@ def bench_ingest(recipe, *, out=None, log=print) -> dict:
         corpus = _demo_corpus(out, recipe.seed)
         data = os.path.join(out, "bench-ingest-data")
         summary = ingest(os.path.join(corpus, "corpus.jsonl"), data, cfg=recipe.ingest,
-                         tokenizer_cfg=recipe.tokenizer, reference_url=os.path.join(corpus, "reference"),
-                         force=True)
+                         tokenizer_cfg=recipe.tokenizer, force=True)
         tok = load_pool_tokenizer(data)
         texts = [d["text"] for d in read_documents(os.path.join(corpus, "corpus.jsonl"))]
         t0 = time.perf_counter()
@@ -78,6 +77,7 @@ def bench_ingest(recipe, *, out=None, log=print) -> dict:
 
 def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
     """Training tokens/s streaming a stage index from S3 vs the same samples as in-memory tensors."""
+    from curation.data.demo_corpus import demo_set_files
     from curation.data.ingest import ingest
     from curation.pool import MDSFolder
     from schemas.recipe import recipe_from_dict
@@ -89,8 +89,9 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
         raw["stages"] = raw["stages"] | {"count": 1, "batches": [batches], "method": "random"}
         raw["save_folder"] = None
         bench_recipe = recipe_from_dict(raw)
+        targets, evals = demo_set_files(corpus)
         ingest(os.path.join(corpus, "corpus.jsonl"), bench_recipe.data, cfg=bench_recipe.ingest,
-               tokenizer_cfg=bench_recipe.tokenizer, reference_url=os.path.join(corpus, "reference"))
+               tokenizer_cfg=bench_recipe.tokenizer, targets=targets, evals=evals)
         ctx = stage_loop.RunContext(bench_recipe, log)
         stage_loop.curate_if_needed(ctx, 0)
         streamed = stage_loop.train_stage(ctx, 0)

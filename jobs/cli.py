@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo-corpus", help="build the mixed-quality demo corpus from packaged text")
-    p.add_argument("out", help="output folder (corpus.jsonl, reference/)")
+    p.add_argument("out", help="output folder (corpus.jsonl, targets/, eval/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-per-source", type=int, default=None, help="cap on each real source")
 
@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="JSONL/Parquet/txt file or folder, local or s3://")
     p.add_argument("--data", help="pool URL (default: the recipe's `data`)")
     p.add_argument("--recipe", help="recipe YAML whose tokenizer/ingest sections to use")
-    p.add_argument("--reference", help="folder with cloze.jsonl / heldout.jsonl")
+    p.add_argument("--target", action="append", default=[], metavar="NAME=FILE",
+                   help="a set curation aims at (JSONL: `text` for lm, `context` + `target` for cloze); repeatable")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=FILE",
+                   help="an evaluation set (same format), disjoint from the pool and every target; repeatable")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--tokenizer", help="a tokenizer.json to load instead of training one")
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="read-only DuckDB SQL over a run's tables (committed stages only)")
     p.add_argument("run", help="run URL (local folder or s3://)")
     p.add_argument("sql", help="one SQL statement; views: samples, probes, trajectories, scores, "
-                               "selection, stages, metrics")
+                               "selection, audit, stages, metrics")
     p.add_argument("--data", help="pool URL (default: the run recipe's `data`)")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--csv", metavar="FILE", help="write the result as CSV ('-' = stdout)")

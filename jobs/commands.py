@@ -38,7 +38,7 @@ def cmd_demo_corpus(args) -> int:
 
     summary = write_demo_corpus(args.out, DemoCorpusConfig(seed=args.seed, max_per_source=args.max_per_source))
     log(f"demo corpus: {summary['documents']} documents in {args.out}/corpus.jsonl; "
-        f"reference: {summary['cloze']} cloze, {summary['heldout']} held-out")
+        f"targets {summary['targets']}, eval sets {summary['eval']}")
     for source, n in sorted(summary["sources"].items()):
         log(f"  {source:12s} {n:7d}")
     return 0
@@ -53,7 +53,7 @@ def print_ingest_summary(summary) -> None:
         log(f"  {source:12s} {n:7d} sequences")
 
 
-def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, source="text", force=False):
+def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=None, source="text", force=False):
     from tqdm import tqdm
 
     from curation.data.ingest import ingest
@@ -66,7 +66,7 @@ def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, sou
 
     try:
         summary = ingest(input_url, data_url, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-                         reference_url=reference_url, default_source=source, force=force, progress=progress)
+                         targets=targets, evals=evals, default_source=source, force=force, progress=progress)
     finally:
         bar.close()
     print_ingest_summary(summary)
@@ -74,6 +74,7 @@ def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, sou
 
 
 def cmd_ingest(args) -> int:
+    from curation.data.sets import parse_named_files
     from schemas.recipe import recipe_from_dict
 
     overrides = {}
@@ -92,8 +93,8 @@ def cmd_ingest(args) -> int:
         if not args.data:
             raise MatesError("`--data` is required without `--recipe`.")
         recipe = recipe_from_dict({"data": args.data, "run": args.data}, overrides)
-    run_ingest(args.input, recipe.data, recipe, reference_url=args.reference, source=args.source,
-               force=args.force)
+    run_ingest(args.input, recipe.data, recipe, targets=parse_named_files(args.target, "--target"),
+               evals=parse_named_files(args.eval, "--eval"), source=args.source, force=args.force)
     return 0
 
 
@@ -135,7 +136,7 @@ def cmd_curate(args) -> int:
 
 def cmd_demo(args) -> int:
     """demo corpus -> ingest -> the demo recipe, all under `args.out`."""
-    from curation.data.demo_corpus import DemoCorpusConfig, write_demo_corpus
+    from curation.data.demo_corpus import DemoCorpusConfig, demo_set_files, write_demo_corpus
     from schemas.storage import store_for
     from training.stage_loop import run_recipe
 
@@ -149,8 +150,8 @@ def cmd_demo(args) -> int:
     if store_for(data_url).exists("_SUCCESS"):
         log(f"ingest: pool at {data_url} already committed; reusing it")
     else:
-        run_ingest(os.path.join(corpus_dir, "corpus.jsonl"), data_url, recipe,
-                   reference_url=os.path.join(corpus_dir, "reference"))
+        targets, evals = demo_set_files(corpus_dir)
+        run_ingest(os.path.join(corpus_dir, "corpus.jsonl"), data_url, recipe, targets=targets, evals=evals)
     run_recipe(recipe, log=log)
     log(f"demo: finished in {time.perf_counter() - started:.0f} s; outputs under {out}")
     return 0

@@ -75,8 +75,8 @@ class SchedulerConfig:
 @dataclass(kw_only=True)
 class EvalConfig:
     batch_size: int = 32
-    max_cloze: int = 256              # reference examples used (first N)
-    max_heldout: int = 256
+    max_examples: int = 256           # examples of each eval set used (first N)
+    primary: Optional[str] = None     # the set `mates compare` ranks by (default: see data/sets.py)
 
 
 @dataclass(kw_only=True)
@@ -88,6 +88,7 @@ class StagesConfig:
     warmup_ratio: float = 1.0         # fraction kept at stage 0, the random warm-up
     method: str = "random"
     options: dict = field(default_factory=dict)
+    audit_by: str = "source"          # catalog column the stage audit groups by
 
 
 @dataclass(kw_only=True)
@@ -101,8 +102,8 @@ class MatesOptions:
     probe_method: Literal["exact", "first_order", "preconditioned"] = "exact"
     n_probes: int = 256
     probe_batch: int = 16
-    reference: Literal["cloze", "heldout"] = "cloze"
-    max_reference: int = 64
+    target: Optional[str] = None      # a target set of the pool (default: its full-sequence one)
+    max_target: int = 64              # target examples L_ref is measured on (first N)
     encoder_max_len: int = 128
     encoder_layers: int = 6
     epochs: int = 3
@@ -134,8 +135,8 @@ class PerplexityOptions:
 @dataclass(kw_only=True)
 class DsirOptions:
     temperature: float = 1.0          # DSIR: Gumbel top-k on the log importance weights, tau = 1
-    reference: Literal["cloze", "heldout"] = "cloze"   # the target: the set MATES' oracle uses
-    max_reference: int = 64
+    target: Optional[str] = None      # the target distribution: the same sets MATES' oracle uses
+    max_target: int = 64
     n_features: int = 10000           # hashed n-gram buckets (DSIR: 10,000)
     max_n: int = 2                    # unigrams + bigrams
 
@@ -143,8 +144,8 @@ class DsirOptions:
 @dataclass(kw_only=True)
 class ClassifierOptions:
     temperature: float = 0.1          # on z-scored logits: nearly DCLM's threshold
-    reference: Literal["cloze", "heldout"] = "cloze"   # positives: the set MATES' oracle uses
-    max_reference: int = 64
+    target: Optional[str] = None      # positives: the same sets MATES' oracle uses
+    max_target: int = 64
     n_features: int = 1 << 18
     max_n: int = 2
     dim: int = 16
@@ -292,6 +293,12 @@ def _method_options(st: StagesConfig):
     return build(METHOD_OPTIONS[st.method], blocks, "stages.options")
 
 
+def method_options_key(st: StagesConfig) -> str:
+    """The dotted key the user wrote the chosen method's options under (for error messages)."""
+    per_method = bool(st.options) and all(k in METHOD_OPTIONS for k in st.options)
+    return f"stages.options.{st.method}" if per_method else "stages.options"
+
+
 def _validate(recipe: Recipe) -> Recipe:
     st, m = recipe.stages, recipe.model
     _require(st.count >= 1, "stages.count", ">= 1", st.count)
@@ -309,15 +316,14 @@ def _validate(recipe: Recipe) -> Recipe:
                          f"got {st.method!r}.")
     recipe.method_options = _method_options(st)
     opts = recipe.method_options
-    per_method = bool(st.options) and all(k in METHOD_OPTIONS for k in st.options)
-    where = f"stages.options.{st.method}" if per_method else "stages.options"  # the key the user wrote
+    where = method_options_key(st)
     _require(opts.temperature > 0, f"{where}.temperature", "> 0", opts.temperature)
     if hasattr(opts, "n_probes"):
         _require(opts.n_probes >= 1, f"{where}.n_probes", ">= 1", opts.n_probes)
         _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
         _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
-    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_reference"):
+    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target"):
         if hasattr(opts, key):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):
@@ -338,6 +344,7 @@ def _validate(recipe: Recipe) -> Recipe:
              f"in [1, ingest.seq_len={recipe.ingest.seq_len}]", recipe.ingest.min_tokens)
     _require(256 < recipe.tokenizer.vocab_size <= 65536, "tokenizer.vocab_size", "in (256, 65536]",
              recipe.tokenizer.vocab_size)
+    _require(recipe.eval.max_examples >= 1, "eval.max_examples", ">= 1", recipe.eval.max_examples)
     _require(recipe.train_loader.batch_size >= 1, "train_loader.batch_size", ">= 1",
              recipe.train_loader.batch_size)
     _require(recipe.optimizer.lr > 0 and math.isfinite(recipe.optimizer.lr), "optimizer.lr",

@@ -54,42 +54,71 @@ SELECTION = _schema("selection", [
     pa.field("selected", pa.bool_(), nullable=False),
 ])
 
-# <run>/metrics.parquet: one row per evaluation point (stage -1 = the initial model).
+# <run>/metrics.parquet: one row per (evaluation point, eval set); stage -1 = the initial model.
 METRICS = _schema("metrics", [
     pa.field("stage", pa.int32(), nullable=False),
+    pa.field("eval_set", pa.string(), nullable=False),         # <data>/eval/<name>.parquet
+    pa.field("loss_kind", pa.string(), nullable=False),        # lm (every token) | cloze (target word)
+    pa.field("loss", pa.float64(), nullable=False),            # mean loss per counted token
+    pa.field("perplexity", pa.float64(), nullable=False),      # exp(loss)
     pa.field("batches_seen", pa.int64(), nullable=False),
     pa.field("tokens_seen", pa.int64(), nullable=False),
-    pa.field("cloze_loss", pa.float64(), nullable=False),      # loss on the target word only
-    pa.field("heldout_loss", pa.float64(), nullable=False),    # mean token loss, held-out set
-    pa.field("heldout_perplexity", pa.float64(), nullable=False),
     pa.field("train_tokens_per_s", pa.float64(), nullable=False),
     pa.field("curation_seconds", pa.float64(), nullable=False),
     pa.field("train_seconds", pa.float64(), nullable=False),
 ])
 
-# <comparison>/runs.parquet: one row per (method, seed) run of `mates compare`.
+# <run>/stages/<k>/audit.parquet: what the stage's curation prefers, per catalog group.
+AUDIT = _schema("audit", [
+    pa.field("stage", pa.int32(), nullable=False),
+    pa.field("group_by", pa.string(), nullable=False),         # the catalog column (stages.audit_by)
+    pa.field("group", pa.string(), nullable=False),
+    pa.field("candidates", pa.int64(), nullable=False),
+    pa.field("candidate_share", pa.float64(), nullable=False),
+    pa.field("selected_share", pa.float64(), nullable=False),  # share of the stage's selection
+    pa.field("score_mean_z", pa.float64(), nullable=False),    # the method's score, z over candidates
+    pa.field("score_se", pa.float64(), nullable=True),         # standard error of that mean
+    pa.field("probes", pa.int64(), nullable=False),            # oracle probes in the group (0: none)
+    pa.field("oracle_mean_z", pa.float64(), nullable=True),    # I(x), z over probes; lower = more helpful
+    pa.field("oracle_se", pa.float64(), nullable=True),
+])
+
+# <comparison>/runs.parquet: one row per (method, seed, eval set) run of `mates compare`.
 COMPARISON_RUNS = _schema("comparison_runs", [
     pa.field("method", pa.string(), nullable=False),
     pa.field("seed", pa.int64(), nullable=False),
     pa.field("run", pa.string(), nullable=False),               # the run's URL
-    pa.field("final_cloze_loss", pa.float64(), nullable=False),
-    pa.field("final_heldout_perplexity", pa.float64(), nullable=False),
+    pa.field("eval_set", pa.string(), nullable=False),
+    pa.field("primary", pa.bool_(), nullable=False),            # the set the comparison ranks by
+    pa.field("final_loss", pa.float64(), nullable=False),
     pa.field("tokens_seen", pa.int64(), nullable=False),
-    # training tokens at which the run's cloze loss first reaches random's mean final cloze loss
+    # training tokens at which the run's loss on this set first reaches random's mean final loss
     # (linear between evaluation points); null when it never does
     pa.field("tokens_to_random_final", pa.float64(), nullable=True),
+    pa.field("curated_tokens", pa.int64(), nullable=False),    # tokens of the curated stages (k >= 1)
+    pa.field("curated_tokens_to_random_final", pa.float64(), nullable=True),  # counted from the first boundary
     pa.field("curation_seconds", pa.float64(), nullable=False),  # curated stages (k >= 1)
     pa.field("train_seconds", pa.float64(), nullable=False),     # all stages
 ])
 
-# <data>/reference/{cloze,heldout}.parquet: tokenized reference sets.
+# <data>/targets/<name>.parquet and <data>/eval/<name>.parquet: tokenized sets (curation/data/sets.py).
 REFERENCE = _schema("reference", [
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
     pa.field("target_start", pa.int32(), nullable=False),  # loss counted on tokens >= this index
 ])
 
 ALL = {s.metadata[b"mates.table"].decode(): s
-       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, REFERENCE, COMPARISON_RUNS)}
+       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, AUDIT, REFERENCE, COMPARISON_RUNS)}
+
+
+def metrics_by_stage(rows: list[dict]) -> list[dict]:
+    """METRICS rows (stage x eval set) -> one dict per stage: its common fields + `loss` {set: loss}."""
+    stages: dict[int, dict] = {}
+    for r in sorted(rows, key=lambda r: r["stage"]):
+        st = stages.setdefault(r["stage"], {k: v for k, v in r.items()
+                                            if k not in ("eval_set", "loss_kind", "loss", "perplexity")})
+        st.setdefault("loss", {})[r["eval_set"]] = r["loss"]
+    return list(stages.values())
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

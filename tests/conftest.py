@@ -68,8 +68,18 @@ def micro_corpus(tmp_path_factory) -> str:
     from curation.data.demo_corpus import DemoCorpusConfig, write_demo_corpus
 
     out = str(tmp_path_factory.mktemp("corpus"))
-    write_demo_corpus(out, DemoCorpusConfig(seed=0, max_per_source=120, n_cloze=64, n_heldout=64))
+    write_demo_corpus(out, DemoCorpusConfig(seed=0, max_per_source=120, n_target=64, n_eval=64))
     return out
+
+
+def ingest_corpus(corpus: str, data: str, recipe, **kw):
+    """Ingest a demo corpus folder (corpus.jsonl + its target and eval sets) into `data`."""
+    from curation.data.demo_corpus import demo_set_files
+    from curation.data.ingest import ingest
+
+    targets, evals = demo_set_files(corpus)
+    return ingest(os.path.join(corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
+                  targets=targets, evals=evals, **kw)
 
 
 def mates(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -83,14 +93,12 @@ def s3_pool(micro_corpus, s3_server):
     """The micro corpus ingested once into its own bucket, with the micro recipe's settings."""
     import boto3
 
-    from curation.data.ingest import ingest
     from schemas.recipe import load_recipe
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-pool")
     recipe = load_recipe(MICRO_RECIPE)
     data = "s3://mates-pool/data"
-    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-           reference_url=os.path.join(micro_corpus, "reference"))
+    ingest_corpus(micro_corpus, data, recipe)
     return data
 
 
@@ -108,11 +116,9 @@ def clean_run(s3_pool, s3_server):
 @pytest.fixture(scope="session")
 def local_pool(micro_corpus, tmp_path_factory):
     """The micro corpus ingested once into a local folder, with the micro recipe's settings."""
-    from curation.data.ingest import ingest
     from schemas.recipe import load_recipe
 
     recipe = load_recipe(MICRO_RECIPE)
     data = str(tmp_path_factory.mktemp("pool") / "data")
-    ingest(os.path.join(micro_corpus, "corpus.jsonl"), data, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-           reference_url=os.path.join(micro_corpus, "reference"))
+    ingest_corpus(micro_corpus, data, recipe)
     return data

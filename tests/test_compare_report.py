@@ -86,10 +86,14 @@ def _sources(local_pool, ids):
 def test_compare_table_and_shared_warmup(comparison, local_pool):
     out, _, result = comparison
     runs = pq.read_table(os.path.join(out, "runs.parquet")).to_pylist()
-    assert sorted((r["method"], r["seed"]) for r in runs) == sorted((m, s) for m in METHODS.split(",") for s in (17, 18))
+    sets = ("wiki_en", "wiki_en_cloze", "bbc_en")
+    assert sorted((r["method"], r["seed"], r["eval_set"]) for r in runs) == \
+        sorted((m, s, e) for m in METHODS.split(",") for s in (17, 18) for e in sets)
+    assert {r["eval_set"] for r in runs if r["primary"]} == {"wiki_en"}  # the micro recipe's eval.primary
     table = open(os.path.join(out, "comparison.md")).read()
     for method in METHODS.split(","):
         assert f"| {method} | 2 | " in table
+    assert "| wiki_en (primary) | vs random | wiki_en_cloze | bbc_en |" in table
     assert "| random | 2 | " in result.stdout and "mates compare" in table
     for seed in (17, 18):
         warm = os.path.join(out, "runs", f"seed-{seed}", "warmup")
@@ -101,16 +105,18 @@ def test_compare_table_and_shared_warmup(comparison, local_pool):
             # every method starts from the same stage 0: same selection, same model metrics
             assert pq.read_table(os.path.join(run, "stages", "0", "selection.parquet")).equals(warm_sel)
             metrics = pq.read_table(os.path.join(run, "metrics.parquet")).to_pylist()
-            assert metrics[:2] == warm_metrics and [m["stage"] for m in metrics] == [-1, 0, 1]
+            assert metrics[:6] == warm_metrics and [m["stage"] for m in metrics] == [-1] * 3 + [0] * 3 + [1] * 3
             manifest = json.load(open(os.path.join(run, "stages", "0", "index", "streams.json")))
             assert all(s["remote"].startswith(run) for s in manifest["streams"])  # not the warm-up's
-            finals.append(metrics[-1]["cloze_loss"])
+            finals.append(next(m["loss"] for m in metrics if m["stage"] == 1 and m["eval_set"] == "wiki_en"))
         assert len(set(np.round(finals, 6))) == len(finals)  # stage 1 differs by method
-    assert len({r["final_cloze_loss"] for r in runs if r["method"] == "random"}) == 2  # seeds differ
+    assert len({r["final_loss"] for r in runs if r["method"] == "random" and r["primary"]}) == 2  # seeds differ
+    for r in runs:  # tokens counted from the first boundary: the shared warm-up is not counted
+        assert 0 < r["curated_tokens"] < r["tokens_seen"]
 
 
-def test_text_baselines_move_the_mix_toward_the_reference(comparison, local_pool):
-    """dsir and classifier target the (English Wikipedia) reference set: more wiki_en than the pool."""
+def test_text_baselines_move_the_mix_toward_the_target(comparison, local_pool):
+    """dsir and classifier aim at the (English Wikipedia) target: more wiki_en than the pool."""
     out, _, _ = comparison
     for method in ("dsir", "classifier"):
         sel = pq.read_table(os.path.join(out, "runs", "seed-17", method, "stages", "1", "selection.parquet")).to_pydict()
@@ -151,7 +157,7 @@ def test_report_of_a_comparison(comparison, tmp_path):
     result = mates("report", out, "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-2000:]
     images = _assert_valid_pngs(str(tmp_path / "report" / "index.html"))
-    assert images == ["loss.png", "sources.png"]  # no probes, no clusters among these methods
+    assert images == ["loss.png", "sources.png", "audit.png"]  # no probes, no clusters among these methods
     assert "<table>" in open(tmp_path / "report" / "index.html").read()
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from curation.data.demo_corpus import demo_set_files
 from curation.data.ingest import ingest, slice_document
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from schemas.recipe import IngestConfig, TokenizerConfig
@@ -18,8 +19,9 @@ TOK = TokenizerConfig(vocab_size=512)
 
 
 def _ingest(corpus: str, data_url: str, **kw):
+    targets, evals = demo_set_files(corpus)
     return ingest(os.path.join(corpus, "corpus.jsonl"), data_url, cfg=CFG, tokenizer_cfg=TOK,
-                  reference_url=os.path.join(corpus, "reference"), **kw)
+                  targets=targets, evals=evals, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,26 +59,6 @@ def test_ingest_is_deterministic(micro_corpus, local_pool, tmp_path):
     for rel in ("pool/index.json", "pool/shard.00000.mds", "catalog/samples.parquet", "tokenizer/tokenizer.json"):
         a, b = open(os.path.join(data, rel), "rb").read(), open(os.path.join(tmp_path, rel), "rb").read()
         assert hashlib.sha1(a).digest() == hashlib.sha1(b).digest(), rel
-
-
-def test_heldout_text_never_in_pool(micro_corpus):
-    pool = {json.loads(line)["text"] for line in open(os.path.join(micro_corpus, "corpus.jsonl"))}
-    held = [json.loads(line) for line in open(os.path.join(micro_corpus, "reference", "heldout.jsonl"))]
-    cloze = [json.loads(line) for line in open(os.path.join(micro_corpus, "reference", "cloze.jsonl"))]
-    pool_hashes = {hashlib.sha1(t.encode()).digest() for t in pool}
-    assert held and cloze
-    assert not any(hashlib.sha1(h["text"].encode()).digest() in pool_hashes for h in held)
-    assert not any(c["context"] in t for c in cloze[:20] for t in pool)  # not even as a substring
-
-
-def test_reference_sets_target_only_the_cloze_word(local_pool):
-    data, _ = local_pool
-    tok = load_pool_tokenizer(data)
-    cloze = read_parquet(data, "reference", "cloze.parquet").to_pylist()
-    assert all(0 < r["target_start"] < len(r["input_ids"]) <= CFG.seq_len for r in cloze)
-    first = cloze[0]
-    target_text = tok.decode(first["input_ids"][first["target_start"]:])
-    assert target_text.strip() and " " not in target_text.strip()  # one word
 
 
 def test_s3_ingest_reads_back_through_streaming(micro_corpus, bucket, tmp_path):

@@ -15,7 +15,7 @@ from tests.conftest import MICRO_RECIPE, mates
 
 pytestmark = pytest.mark.slow
 OPTIONS = ("stages.options={n_probes: 32, probe_batch: 16, encoder_layers: 1, encoder_max_len: 48, "
-           "epochs: 1, max_reference: 16, batch_size: 16}")
+           "epochs: 1, max_target: 16, batch_size: 16}")
 
 
 def run(data: str, run_url: str, failpoint: str | None = None):
@@ -54,6 +54,7 @@ def test_kill_at_every_phase_then_resume(local_pool, tmp_path):
     probes = [read_parquet(join(r, "stages", "1"), "probes.parquet") for r in (clean, killed)]
     assert probes[0].equals(probes[1])
     ma, mb = (read_parquet(r, "metrics.parquet").to_pylist() for r in (clean, killed))
-    assert [m["stage"] for m in ma] == [m["stage"] for m in mb] == [-1, 0, 1]
+    assert [(m["stage"], m["eval_set"]) for m in ma] == [(m["stage"], m["eval_set"]) for m in mb]
+    assert [m["stage"] for m in ma if m["eval_set"] == "wiki_en"] == [-1, 0, 1]
     for x, y in zip(ma, mb):
-        assert x["tokens_seen"] == y["tokens_seen"] and abs(x["cloze_loss"] - y["cloze_loss"]) < 1e-5
+        assert x["tokens_seen"] == y["tokens_seen"] and abs(x["loss"] - y["loss"]) < 1e-5

@@ -9,7 +9,7 @@ from tests.conftest import MICRO_RECIPE, mates
 
 pytestmark = pytest.mark.slow
 MATES_OPTIONS = ("stages.options={n_probes: 64, probe_batch: 16, encoder_layers: 1, encoder_max_len: 64, "
-                 "epochs: 2, max_reference: 32, batch_size: 16}")
+                 "epochs: 2, max_target: 32, batch_size: 16}")
 
 
 def method_run(s3_server: str, s3_pool: str, method: str, options: str):
@@ -82,6 +82,16 @@ def test_query_source_mix_over_s3(mates_run, s3_pool):
             if chosen:
                 expected[(stage, source[sid])] = expected.get((stage, source[sid]), 0) + 1
         assert {k: v for k, v in got.items() if k[0] == stage} == expected
+        # the audit view's selection shares are the same counts, as shares of the stage's selection
+        audit = mates("query", run, f"SELECT \"group\", selected_share, probes FROM audit WHERE stage = {stage}",
+                      "--csv", "-")
+        assert audit.returncode == 0, audit.stderr
+        rows = [line.split(",") for line in audit.stdout.strip().splitlines()[1:]]
+        total = sum(v for k, v in expected.items())
+        for group, share, probes in rows:
+            assert float(share) == pytest.approx(expected.get((stage, group.strip('"')), 0) / total)
+        assert sum(int(p) for _, _, p in rows) == (64 if stage == 1 else 0)  # stage 1's probes, by group
+    assert "audit by source (oracle): prefers" in mates_run[1].stderr
 
 
 def test_query_is_read_only(mates_run):
@@ -114,7 +124,7 @@ def test_query_hides_uncommitted_stage(tmp_path):
 
 # ---------------------------------------------------------------- group_mates end to end
 GROUP_OPTIONS = ("stages.options={n_probes: 48, probe_batch: 16, encoder_layers: 1, encoder_max_len: 64, "
-                 "epochs: 2, max_reference: 16, n_trajectories: 12, trajectory_length: 4, "
+                 "epochs: 2, max_target: 16, n_trajectories: 12, trajectory_length: 4, "
                  "relational_epochs: 50, n_clusters: 4}")
 
 
@@ -160,8 +170,8 @@ def test_report_of_runs_over_s3_plots_influence_and_clusters(mates_run, group_ru
     """`mates report RUN` on s3:// runs: the influence scatter (mates) and clusters (group_mates)."""
     from tests.test_compare_report import _assert_valid_pngs
 
-    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "influence.png"]),
-                               (group_run, ["loss.png", "sources.png", "influence.png", "clusters.png"])):
+    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "audit.png", "influence.png"]),
+                               (group_run, ["loss.png", "sources.png", "audit.png", "influence.png", "clusters.png"])):
         out = tmp_path / run.split("/")[2]
         result = mates("report", run, "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]

@@ -28,7 +28,7 @@ def test_run_writes_the_design_layout(clean_run):
         for rel in ["selection.parquet", "scores/part-00000.parquet", "index/streams.json",
                     "index/streams.yaml", "index/b000/index.json", "_SUCCESS"]:
             assert store.exists(f"stages/{stage}/{rel}"), (stage, rel)
-    assert "cloze loss" in result.stderr  # the per-stage metrics table is printed
+    assert "eval loss per set" in result.stderr and "wiki_en_cloze*" in result.stderr  # the metrics table
 
 
 def test_stage_index_is_plain_streaming(clean_run, tmp_path):
@@ -56,9 +56,10 @@ def test_candidate_pools_are_disjoint_and_model_learns(clean_run):
     sel1 = read_parquet(join(run, "stages", "1"), "selection.parquet")
     assert not set(sel0.column("sample_id").to_pylist()) & set(sel1.column("sample_id").to_pylist())
     metrics = read_parquet(run, "metrics.parquet").to_pylist()
-    by_stage = {m["stage"]: m for m in metrics}
-    assert sorted(by_stage) == [-1, 0, 1]
-    assert by_stage[1]["cloze_loss"] < by_stage[-1]["cloze_loss"] - 0.3
+    assert [(m["stage"], m["eval_set"]) for m in metrics] == [(s, e) for s in (-1, 0, 1)
+                                                              for e in ("wiki_en", "wiki_en_cloze", "bbc_en")]
+    by_stage = {m["stage"]: m for m in metrics if m["eval_set"] == "wiki_en"}
+    assert by_stage[1]["loss"] < by_stage[-1]["loss"] - 0.3
     assert by_stage[1]["batches_seen"] == 50 and by_stage[1]["tokens_seen"] > by_stage[0]["tokens_seen"] > 0
 
 
@@ -92,7 +93,7 @@ def test_sigkill_in_stage_1_then_resume_matches(clean_run, s3_pool, s3_server):
     mb = read_parquet(run, "metrics.parquet").to_pylist()
     for x, y in zip(ma, mb):  # training resumed from the committed state is the same training
         assert x["stage"] == y["stage"] and x["tokens_seen"] == y["tokens_seen"]
-        assert abs(x["cloze_loss"] - y["cloze_loss"]) < 1e-5, (x, y)
+        assert x["eval_set"] == y["eval_set"] and abs(x["loss"] - y["loss"]) < 1e-5, (x, y)
 
 
 def test_rerun_of_finished_run_recomputes_nothing(clean_run, s3_pool):
@@ -129,10 +130,10 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     metrics = read_parquet(run, "metrics.parquet").to_pylist()
-    assert [m["stage"] for m in metrics] == [-1, 0, 1]
+    assert [m["stage"] for m in metrics if m["eval_set"] == "wiki_en"] == [-1, 0, 1]
     assert metrics[-1]["batches_seen"] == 50
     # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
-    assert metrics[-1]["cloze_loss"] < metrics[0]["cloze_loss"]
+    assert metrics[-1]["loss"] < metrics[0]["loss"] and metrics[-1]["eval_set"] == metrics[0]["eval_set"]
     stage = join(run, "stages", "1")
     assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
     assert sorted(store_for(stage).listdir("scores")) == ["part-00000.parquet", "part-00001.parquet"]

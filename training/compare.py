@@ -85,11 +85,25 @@ def plan(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, ou
             label = f"seed-{seed}-{method}"
             specs.append(RunSpec(method, seed, recipe, os.path.join(out, "recipes", f"{label}.yaml"),
                                  os.path.join(out, "logs", f"{label}.log")))
+    _check_pool_keys(base, [s.recipe for s in specs])
     for spec in specs:
         os.makedirs(os.path.dirname(spec.recipe_file), exist_ok=True)
         with open(spec.recipe_file, "w", encoding="utf-8") as handle:
             handle.write(dump_recipe(spec.recipe))
     return specs
+
+
+def _check_pool_keys(base: Recipe, recipes: list[Recipe]) -> None:
+    """The keys that name parts of the pool (targets, eval.primary), checked before any run."""
+    from curation.data.ingest import read_pool_marker
+    from curation.data.sets import resolve_target
+
+    marker = read_pool_marker(base.data)
+    for recipe in recipes:
+        opts = recipe.method_options
+        if hasattr(opts, "target"):
+            resolve_target(marker, opts.target, f"stages.options.{recipe.stages.method}.target", recipe.data)
+    primary_eval_of(base)
 
 
 # ---------------------------------------------------------------- forking the warm-up
@@ -174,8 +188,10 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
                     log(f"compare: {spec.label} (stage 0) done in {seconds:.0f} s")
                 else:
                     done += 1
-                    final = read_parquet(spec.recipe.run, "metrics.parquet").to_pylist()[-1]
-                    log(f"compare: [{done}/{total}] {spec.label}: final cloze loss {final['cloze_loss']:.4f} "
+                    rows = read_parquet(spec.recipe.run, "metrics.parquet").to_pylist()
+                    last = max(r["stage"] for r in rows)
+                    finals = ", ".join(f"{r['eval_set']} {r['loss']:.4f}" for r in rows if r["stage"] == last)
+                    log(f"compare: [{done}/{total}] {spec.label}: final loss {finals} "
                         f"in {seconds:.0f} s ({time.perf_counter() - started:.0f} s elapsed)")
             submit_ready()
 
@@ -192,22 +208,40 @@ def tokens_to_reach(tokens: list[float], losses: list[float], target: float) -> 
     return None
 
 
+def primary_eval_of(recipe: Recipe) -> str:
+    """The eval set this run's comparison ranks by (eval.primary, or the pool's default)."""
+    from curation.data.ingest import read_pool_marker
+    from curation.data.sets import resolve_primary_eval
+
+    return resolve_primary_eval(read_pool_marker(recipe.data), recipe.eval.primary, "eval.primary", recipe.data)
+
+
+def _curve(rows: list[dict], eval_set: str) -> tuple[list[float], list[float]]:
+    mine = sorted((r for r in rows if r["eval_set"] == eval_set), key=lambda r: r["stage"])
+    return [r["tokens_seen"] for r in mine], [r["loss"] for r in mine]
+
+
 def collect(specs: list[RunSpec]) -> tuple[pa.Table, pa.Table]:
-    """(runs table, per-stage metrics of every run) of the finished method runs."""
-    per_run = [(spec, sorted(read_parquet(spec.recipe.run, "metrics.parquet").to_pylist(), key=lambda r: r["stage"]))
+    """(runs table: one row per run and eval set, per-stage metrics of every run) of the finished runs."""
+    per_run = [(spec, read_parquet(spec.recipe.run, "metrics.parquet").to_pylist())
                for spec in specs if spec.method != WARMUP and finished(spec.recipe)]
-    random_finals = [rows[-1]["cloze_loss"] for s, rows in per_run if s.method == "random"]
-    target = float(np.mean(random_finals)) if random_finals else None
+    primary = primary_eval_of(per_run[0][0].recipe) if per_run else None
+    eval_sets = list(dict.fromkeys(r["eval_set"] for _, rows in per_run for r in rows))
+    random_finals = {e: float(np.mean([_curve(rows, e)[1][-1] for s, rows in per_run if s.method == "random"]))
+                     for e in eval_sets if any(s.method == "random" for s, _ in per_run)}
     runs, metrics = [], []
     for spec, rows in per_run:
-        tokens = [r["tokens_seen"] for r in rows]
-        losses = [r["cloze_loss"] for r in rows]
-        runs.append({"method": spec.method, "seed": spec.seed, "run": spec.recipe.run,
-                     "final_cloze_loss": losses[-1], "final_heldout_perplexity": rows[-1]["heldout_perplexity"],
-                     "tokens_seen": tokens[-1],
-                     "tokens_to_random_final": None if target is None else tokens_to_reach(tokens, losses, target),
-                     "curation_seconds": sum(r["curation_seconds"] for r in rows if r["stage"] >= 1),
-                     "train_seconds": sum(r["train_seconds"] for r in rows)})
+        stages = tables.metrics_by_stage(rows)  # the per-stage fields, once per stage
+        warm = max((r["tokens_seen"] for r in stages if r["stage"] == 0), default=0)  # at the first boundary
+        for e in eval_sets:
+            tokens, losses = _curve(rows, e)
+            reach = tokens_to_reach(tokens, losses, random_finals[e]) if e in random_finals else None
+            runs.append({"method": spec.method, "seed": spec.seed, "run": spec.recipe.run, "eval_set": e,
+                         "primary": e == primary, "final_loss": losses[-1], "tokens_seen": tokens[-1],
+                         "tokens_to_random_final": reach, "curated_tokens": tokens[-1] - warm,
+                         "curated_tokens_to_random_final": None if reach is None else max(reach - warm, 0.0),
+                         "curation_seconds": sum(r["curation_seconds"] for r in stages if r["stage"] >= 1),
+                         "train_seconds": sum(r["train_seconds"] for r in stages)})
         metrics += [{"method": spec.method, "seed": spec.seed, **r} for r in rows]
     return (tables.conform(pa.Table.from_pylist(runs, schema=tables.COMPARISON_RUNS), tables.COMPARISON_RUNS),
             tables.conform(pa.Table.from_pylist(metrics, schema=COMPARISON_METRICS), COMPARISON_METRICS))
@@ -219,74 +253,86 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: pa.Table, methods: list[str]) -> list[dict]:
-    """Per method: mean and sample standard deviation over seeds of every column of the table."""
+    """Per method: mean and sample std over seeds of every eval set's final loss; on the primary
+    set the share of random's curated-stage tokens needed to reach random's final loss."""
     rows = runs.to_pylist()
-    random_tokens = [r["tokens_seen"] for r in rows if r["method"] == "random"]
+    sets = list(dict.fromkeys(r["eval_set"] for r in rows))
+    primary = next((r["eval_set"] for r in rows if r["primary"]), sets[0] if sets else None)
+    random_curated = [r["curated_tokens"] for r in rows if r["method"] == "random" and r["primary"]]
     out = []
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
-        reached = [r["tokens_to_random_final"] for r in mine if r["tokens_to_random_final"] is not None]
-        share = [t / float(np.mean(random_tokens)) for t in reached] if random_tokens else []
+        prim = [r for r in mine if r["eval_set"] == primary]
+        reached = [r["curated_tokens_to_random_final"] for r in prim if r["curated_tokens_to_random_final"] is not None]
+        share = [t / float(np.mean(random_curated)) for t in reached] if random_curated else []
         out.append({
-            "method": method, "seeds": len(mine),
-            "cloze": _mean_std([r["final_cloze_loss"] for r in mine]),
-            "ppl": _mean_std([r["final_heldout_perplexity"] for r in mine]),
+            "method": method, "seeds": len(prim), "primary": primary,
+            "loss": {e: _mean_std([r["final_loss"] for r in mine if r["eval_set"] == e]) for e in sets},
             "token_share": _mean_std(share) if share else None, "reached": len(reached),
-            "curation_share": _mean_std([r["curation_seconds"] / max(r["train_seconds"], 1e-9) for r in mine]),
+            "curation_share": _mean_std([r["curation_seconds"] / max(r["train_seconds"], 1e-9) for r in prim]),
         })
     return out
 
 
 def markdown_table(summary: list[dict]) -> str:
+    if not summary:
+        return "(no finished run)"
     base = next((s for s in summary if s["method"] == "random"), None)
-    lines = ["| method | seeds | final cloze loss | vs random | held-out ppl | tokens to random's final loss "
-             "| curation time / training time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    primary = summary[0]["primary"]
+    others = [e for e in summary[0]["loss"] if e != primary]
+    lines = [f"| method | seeds | {primary} (primary) | vs random | " + " | ".join(others) +
+             (" | " if others else "") + "curated tokens to random's final loss | curation time / training time |",
+             "| --- | ---: | ---: | ---: | " + "---: | " * len(others) + "---: | ---: |"]
     for s in summary:
-        (c, cs), (p, ps), (q, qs) = s["cloze"], s["ppl"], s["curation_share"]
-        delta = f"{c - base['cloze'][0]:+.4f}" if base else "n/a"
+        (c, cs), (q, qs) = s["loss"][primary], s["curation_share"]
+        delta = f"{c - base['loss'][primary][0]:+.4f}" if base else "n/a"
+        cells = "".join(f"{s['loss'][e][0]:.4f} ± {s['loss'][e][1]:.4f} | " for e in others)
         if s["token_share"] is None:
             tokens = f"not reached (0/{s['seeds']})"
         else:
             t, ts = s["token_share"]
             tokens = f"{100 * t:.0f}% ± {100 * ts:.0f}%" + ("" if s["reached"] == s["seeds"]
                                                           else f" ({s['reached']}/{s['seeds']} reached)")
-        lines.append(f"| {s['method']} | {s['seeds']} | {c:.4f} ± {cs:.4f} | {delta} | {p:.1f} ± {ps:.1f} "
-                     f"| {tokens} | {100 * q:.0f}% ± {100 * qs:.0f}% |")
+        lines.append(f"| {s['method']} | {s['seeds']} | {c:.4f} ± {cs:.4f} | {delta} | {cells}"
+                     f"{tokens} | {100 * q:.0f}% ± {100 * qs:.0f}% |")
     return "\n".join(lines)
 
 
 def verdicts(summary: list[dict]) -> list[str]:
-    """The issue's three targets, each said as met or missed with the numbers behind it."""
+    """The comparison's targets on the primary eval set, each said as met or missed with its numbers."""
     by = {s["method"]: s for s in summary}
     if "random" not in by:
         return []
-    rc, rs = by["random"]["cloze"]
+    primary = by["random"]["primary"]
+    rc, rs = by["random"]["loss"][primary]
     out = []
     for m in ("mates", "group_mates"):
         if m in by:
-            gain = rc - by[m]["cloze"][0]
-            out.append(f"{m} vs random: final cloze loss lower by {gain:+.4f}; target > 2 x random's seed std "
-                       f"= {2 * rs:.4f}: {'met' if gain > 2 * rs else 'MISSED'}.")
+            gain = rc - by[m]["loss"][primary][0]
+            out.append(f"{m} vs random on {primary}: final loss lower by {gain:+.4f}; target > 2 x random's seed "
+                       f"std = {2 * rs:.4f}: {'met' if gain > 2 * rs else 'MISSED'}.")
     if "mates" in by and "group_mates" in by:
-        gm, m = by["group_mates"]["cloze"][0], by["mates"]["cloze"][0]
+        gm, m = by["group_mates"]["loss"][primary][0], by["mates"]["loss"][primary][0]
         out.append(f"group_mates {gm:.4f} vs mates {m:.4f}: {'met' if gm <= m else 'MISSED'} (at least matches).")
     if "mates" in by:
         share = by["mates"]["token_share"]
         ok = share is not None and by["mates"]["reached"] == by["mates"]["seeds"] and share[0] <= 0.5
-        said = "never reached" if share is None else f"{100 * share[0]:.0f}% of random's tokens"
-        out.append(f"mates reaches random's final cloze loss with {said}; target <= 50%: {'met' if ok else 'MISSED'}.")
+        said = "never reached" if share is None else f"{100 * share[0]:.0f}% of random's curated-stage tokens"
+        out.append(f"mates reaches random's final {primary} loss with {said}; target <= 50%: "
+                   f"{'met' if ok else 'MISSED'}.")
     return out
 
 
 def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str], command: str) -> str:
     summary = summarize(runs, methods)
     lines = ["# mates compare", "", f"Command: `{command}`", "",
-             "Mean ± sample standard deviation over seeds. Tokens to random's final loss: training tokens "
-             "at which a run's cloze loss first reaches random's mean final cloze loss (linear between "
-             "the evaluations at stage ends), as a share of random's tokens.", "",
+             "Final loss on every eval set (mean ± sample standard deviation over seeds); the table is "
+             "ranked by the primary set. Curated tokens to random's final loss: training tokens after the "
+             "first boundary (the random warm-up is the same for every method, so it is not counted) at "
+             "which a run's primary loss first reaches random's mean final primary loss (linear between "
+             "the evaluations at stage ends), as a share of random's curated-stage tokens.", "",
              markdown_table(summary), "", *[f"- {v}" for v in verdicts(summary)], ""]
     text = "\n".join(lines)
     write_parquet(runs, out, "runs.parquet")

@@ -1,7 +1,9 @@
-"""Evaluation at every stage boundary: cloze reference loss and held-out perplexity.
+"""Evaluation at every stage boundary: every eval set of the pool, each with its own loss kind.
 
-* cloze: LAMBADA-style; the loss counts the target word's tokens only (the oracle's L_ref);
-* held-out: mean token loss over English summaries held out of the pool; perplexity = exp(loss).
+* `lm`: mean loss over every token of held-out text; perplexity = exp(loss);
+* `cloze`: LAMBADA style; the loss counts the target word's tokens only.
+
+Eval sets live under `<data>/eval/` (curation/data/sets.py); no curation code reads them.
 """
 from __future__ import annotations
 
@@ -11,30 +13,30 @@ from dataclasses import dataclass
 import torch
 
 from curation.batching import ReferenceSet, mean_token_loss
-from schemas.errors import MatesError
-from schemas.storage import read_parquet, store_for
+from curation.data.sets import EVAL, load_set, pool_sets
 
 
 @dataclass
-class ReferenceSets:
-    cloze: ReferenceSet
-    heldout: ReferenceSet
+class EvalSet:
+    name: str
+    kind: str            # lm | cloze
+    examples: ReferenceSet
 
 
-def load_reference_sets(data_url: str, *, pad_id: int, batch_size: int, max_cloze: int,
-                        max_heldout: int, device="cpu") -> ReferenceSets:
-    store = store_for(data_url)
-    for name in ("cloze", "heldout"):
-        if not store.exists("reference", f"{name}.parquet"):
-            raise MatesError(f"`data` {data_url!r} has no reference/{name}.parquet; ingest with "
-                             f"--reference FOLDER holding cloze.jsonl and heldout.jsonl.")
-    cloze = ReferenceSet(read_parquet(data_url, "reference", "cloze.parquet"), pad_id, batch_size, max_cloze)
-    heldout = ReferenceSet(read_parquet(data_url, "reference", "heldout.parquet"), pad_id, batch_size, max_heldout)
-    return ReferenceSets(cloze.to(device), heldout.to(device))
+def load_eval_sets(data_url: str, marker: dict, *, pad_id: int, batch_size: int, max_examples: int,
+                   device="cpu") -> list[EvalSet]:
+    """Every eval set of the pool (in ingest order), its first `max_examples` rows."""
+    return [EvalSet(name, entry["kind"],
+                    ReferenceSet(load_set(data_url, EVAL, name), pad_id, batch_size, max_examples).to(device))
+            for name, entry in pool_sets(marker, EVAL).items()]
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, refs: ReferenceSets) -> dict:
-    heldout = mean_token_loss(model, refs.heldout)
-    return {"cloze_loss": mean_token_loss(model, refs.cloze), "heldout_loss": heldout,
-            "heldout_perplexity": math.exp(min(heldout, 50.0))}
+def evaluate(model: torch.nn.Module, sets: list[EvalSet]) -> list[dict]:
+    """One row per eval set: {eval_set, loss_kind, loss, perplexity}."""
+    rows = []
+    for s in sets:
+        loss = mean_token_loss(model, s.examples)
+        rows.append({"eval_set": s.name, "loss_kind": s.kind, "loss": loss,
+                     "perplexity": math.exp(min(loss, 50.0))})
+    return rows

@@ -1,7 +1,10 @@
 """`mates report`: a self-contained HTML page with PNG plots, for one run or a `mates compare` folder.
 
 Plots (each a PNG next to index.html, which holds no script and loads nothing from the network):
-  - loss.png       cloze (reference) loss per stage end, per method (mean and range over seeds);
+  - loss.png       loss on every eval set at each stage end, per method (mean and range over seeds);
+  - audit.png      what each curated stage preferred, per catalog group: the oracle's z-scored
+                   influence (mean +- standard error) and the method's z-scored score, with the
+                   group's share of the selection against its share of the candidates;
   - sources.png    the source mix of every curated stage: its candidates, then each method's selection;
   - influence.png  predicted vs oracle influence of the probed candidates, Spearman per stage
                    (mates / group_mates; the probes are the influence model's fitting data, 90% of
@@ -23,6 +26,7 @@ from curation.index_writer import stage_committed, stage_url
 from schemas.errors import MatesError
 from schemas.recipe import load_recipe
 from schemas.storage import read_parquet, store_for
+from schemas.tables import metrics_by_stage
 
 SOURCE_COLORS = {"wiki_en": "#1b9e77", "wiki_fr": "#7fc97f", "wiki_es": "#beaed4", "bbc_news": "#386cb0",
                  "near_dup": "#fdc086", "spam": "#f0027f", "char_noise": "#bf5b17", "shuffled": "#666666"}
@@ -36,8 +40,9 @@ class RunView:
     method: str
     seed: int
     data: str
-    metrics: list[dict]
-    stages: dict = field(default_factory=dict)  # k -> {"selection", "scores", "probes", "marker"}
+    metrics: list[dict]                         # one dict per stage, `loss` = {eval set: loss}
+    stages: dict = field(default_factory=dict)  # k -> {"selection", "scores", "probes", "audit", "marker"}
+    kinds: dict = field(default_factory=dict)   # eval set -> loss kind
 
 
 def load_run(url: str) -> RunView:
@@ -45,9 +50,9 @@ def load_run(url: str) -> RunView:
     if not store.exists("recipe.yaml"):
         raise MatesError(f"`{url}` holds no recipe.yaml: not a mates run (nor a `mates compare` folder).")
     recipe = load_recipe(store.read_bytes("recipe.yaml").decode(), {"run": url})
-    metrics = sorted(read_parquet(url, "metrics.parquet").to_pylist(), key=lambda r: r["stage"]) \
-        if store.exists("metrics.parquet") else []
-    view = RunView(url, recipe.stages.method, recipe.seed, recipe.data, metrics)
+    rows = read_parquet(url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
+    view = RunView(url, recipe.stages.method, recipe.seed, recipe.data, metrics_by_stage(rows),
+                   kinds={r["eval_set"]: r["loss_kind"] for r in rows})
     for k in range(recipe.stages.count):
         if not stage_committed(url, k):
             continue
@@ -58,6 +63,7 @@ def load_run(url: str) -> RunView:
             "selection": read_parquet(stage_url(url, k), "selection.parquet").to_pydict(),
             "scores": _concat([read_parquet(stage_url(url, k), "scores", p).to_pydict() for p in parts]),
             "probes": read_parquet(stage_url(url, k), "probes.parquet").to_pydict() if s.exists("probes.parquet") else None,
+            "audit": read_parquet(stage_url(url, k), "audit.parquet").to_pylist() if s.exists("audit.parquet") else None,
         }
     return view
 
@@ -91,30 +97,80 @@ def _plt():
 
 
 def plot_loss(runs: list[RunView], path: str) -> None:
+    """One panel per eval set: its loss at each stage end, per method (band: min-max over seeds)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(r.method for r in runs):
-        mine = [r for r in runs if r.method == method and r.metrics]
-        if not mine:
-            continue
-        n = min(len(r.metrics) for r in mine)
-        tokens = np.mean([[m["tokens_seen"] for m in r.metrics[:n]] for r in mine], axis=0) / 1e6
-        loss = np.array([[m["cloze_loss"] for m in r.metrics[:n]] for r in mine])          # [seeds, points]
-        line, = ax.plot(tokens, loss.mean(0), marker="o", label=f"{method} ({len(mine)} seed{'s' * (len(mine) > 1)})")
-        if len(mine) > 1:
-            ax.fill_between(tokens, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.15)
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("cloze loss (reference set)")
-    ax.set_title("Reference loss at each stage end (band: min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    if any(len(r.metrics) > 2 for r in runs):  # zoom past the initial model's loss
-        tail = [m["cloze_loss"] for r in runs for m in r.metrics[2:]]
-        head = [m["cloze_loss"] for r in runs for m in r.metrics[1:2]]
-        ax.set_ylim(min(tail) - 0.05, max(head + tail) + 0.05)
+    kinds = {}
+    for r in runs:
+        kinds.update(r.kinds)
+    names = list(kinds)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        for method in dict.fromkeys(r.method for r in runs):
+            mine = [r for r in runs if r.method == method and r.metrics]
+            if not mine:
+                continue
+            n = min(len(r.metrics) for r in mine)
+            tokens = np.mean([[m["tokens_seen"] for m in r.metrics[:n]] for r in mine], axis=0) / 1e6
+            loss = np.array([[m["loss"].get(name, np.nan) for m in r.metrics[:n]] for r in mine])  # [seeds, points]
+            line, = ax.plot(tokens, loss.mean(0), marker="o",
+                            label=f"{method} ({len(mine)} seed{'s' * (len(mine) > 1)})")
+            if len(mine) > 1:
+                ax.fill_between(tokens, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.15)
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_ylabel(f"loss ({'target word only' if kinds[name] == 'cloze' else 'every token'})")
+        ax.set_title(f"eval set {name} ({kinds[name]})")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        tail = [m["loss"][name] for r in runs for m in r.metrics[2:] if name in m["loss"]]
+        head = [m["loss"][name] for r in runs for m in r.metrics[1:2] if name in m["loss"]]
+        if tail:  # zoom past the initial model's loss
+            ax.set_ylim(min(tail) - 0.05, max(head + tail) + 0.05)
+    fig.suptitle("Eval loss at each stage end (band: min-max over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_audit(runs: list[RunView], path: str) -> bool:
+    """Per (method, curated stage), first seed: oracle and score z per group, and the selection
+    share against the candidate share. False when no run has an audit that prefers anything."""
+    panels = []
+    for r in list({r.method: r for r in reversed(runs)}.values())[::-1]:
+        for k, st in sorted(r.stages.items()):
+            rows = st.get("audit")
+            if k >= 1 and rows and (any(a["probes"] for a in rows) or any(abs(a["score_mean_z"]) > 1e-12 for a in rows)):
+                panels.append((r.method, k, rows))
+    if not panels:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 0.32 * max(len(p[2]) for p in panels) * len(panels) + 1.6 * len(panels)),
+                             squeeze=False)
+    for (method, k, rows), (ax, share_ax) in zip(panels, axes):
+        y = np.arange(len(rows))
+        score = [a["score_mean_z"] for a in rows]
+        ax.barh(y + 0.2, score, height=0.4, xerr=[a["score_se"] or 0 for a in rows], color="#386cb0",
+                label="method's score")
+        if any(a["probes"] for a in rows):
+            oracle = [a["oracle_mean_z"] if a["oracle_mean_z"] is not None else np.nan for a in rows]
+            ax.barh(y - 0.2, oracle, height=0.4, xerr=[a["oracle_se"] or 0 for a in rows], color="#bf5b17",
+                    label="oracle I(x)")
+        ax.set_yticks(y, [f"{a['group']} ({a['probes']} probes)" if a["probes"] else a["group"] for a in rows])
+        ax.invert_yaxis()
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_xlabel("mean z (lower = preferred), +- standard error")
+        ax.set_title(f"{method}, stage {k}: preference by {rows[0]['group_by']}", fontsize=9)
+        ax.legend(fontsize=7)
+        share_ax.barh(y - 0.2, [100 * a["candidate_share"] for a in rows], height=0.4, color="#bbbbbb", label="candidates")
+        share_ax.barh(y + 0.2, [100 * a["selected_share"] for a in rows], height=0.4, color="#1b9e77", label="selected")
+        share_ax.set_yticks(y, [a["group"] for a in rows])
+        share_ax.invert_yaxis()
+        share_ax.set_xlabel("% of samples")
+        share_ax.set_title(f"{method}, stage {k}: share of candidates and of the selection", fontsize=9)
+        share_ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def plot_sources(runs: list[RunView], path: str) -> None:
@@ -254,12 +310,13 @@ def _runs_of(source: str) -> tuple[list[RunView], str, str]:
                  f"<ul>{verdicts}</ul>")
         return runs, "mates comparison", intro
     run = load_run(source)
-    rows = "".join(f"<tr><td>{m['stage']}</td><td>{m['tokens_seen']:,}</td><td>{m['cloze_loss']:.4f}</td>"
-                   f"<td>{m['heldout_perplexity']:.1f}</td><td>{m['curation_seconds']:.1f}</td></tr>"
-                   for m in run.metrics)
+    names = list(run.kinds)
+    rows = "".join(f"<tr><td>{m['stage']}</td><td>{m['tokens_seen']:,}</td>"
+                   + "".join(f"<td>{m['loss'].get(n, float('nan')):.4f}</td>" for n in names)
+                   + f"<td>{m['curation_seconds']:.1f}</td></tr>" for m in run.metrics)
+    heads = "".join(f"<th>{html.escape(n)} ({run.kinds[n]})</th>" for n in names)
     intro = (f"<p>Run <code>{html.escape(source)}</code>, method <b>{html.escape(run.method)}</b>, seed {run.seed}.</p>"
-             f"<table><tr><th>stage</th><th>tokens</th><th>cloze loss</th><th>held-out ppl</th>"
-             f"<th>curation s</th></tr>{rows}</table>")
+             f"<table><tr><th>stage</th><th>tokens</th>{heads}<th>curation s</th></tr>{rows}</table>")
     return [run], f"mates run: {run.method}", intro
 
 
@@ -273,9 +330,12 @@ def write_report(source: str, out: str | None = None, log=print) -> str:
     if not runs:
         raise MatesError(f"`{source}` holds no finished run to report on.")
     os.makedirs(out, exist_ok=True)
-    figures = [("loss.png", "Cloze loss on the reference set at the end of each stage.", plot_loss)]
+    figures = [("loss.png", "Loss on every eval set at the end of each stage (lm: every token; cloze: "
+                "the target word only).", plot_loss)]
     figures.append(("sources.png", "Source mix of each curated stage: the candidates, then what each "
                     "method selected (first seed).", plot_sources))
+    figures.append(("audit.png", "What each curated stage preferred, per catalog group: z-scored oracle "
+                    "influence and method score (lower = preferred), and the selection's share.", plot_audit))
     figures.append(("influence.png", "Predicted vs oracle influence of the probed candidates.", plot_influence))
     figures.append(("clusters.png", "Group-MATES clusters: candidates, selected samples and stream proportion.",
                     plot_clusters))

@@ -6,7 +6,7 @@ For stage k = 0..K-1:
      the end of stage k-1, and commit `stages/k/` (index, streams, selection, _SUCCESS);
   2. training: a Composer Trainer on stage k's streams for `stages.batches[k]` batches, starting
      from the state saved at the end of stage k-1 (weights, AdamW moments, step, timestamp);
-  3. evaluation (rank 0) -> a row of `<run>/metrics.parquet`; then the state is committed:
+  3. evaluation (rank 0) of every eval set -> rows of `<run>/metrics.parquet`; then the state is committed:
      `checkpoints/stage-k-state.pt` (weights_only-loadable, see schemas/probe_state.py) and
      Composer's own `checkpoints/stage-k.pt`.
 
@@ -22,6 +22,7 @@ recomputed; a stage without it is redone from scratch. The state file loads with
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import tempfile
@@ -32,6 +33,7 @@ import pyarrow as pa
 import torch
 
 from curation.data.ingest import read_pool_marker
+from curation.data.sets import resolve_primary_eval, resolve_target
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.index_writer import read_stage_streams, stage_committed, stage_url
 from curation.methods.base import StageContext
@@ -40,12 +42,12 @@ from curation.stage_job import candidate_pools, n_selected, run_stage_job
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
-from schemas.recipe import RandomOptions, Recipe, dump_recipe, load_recipe
+from schemas.recipe import RandomOptions, Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import export_endpoint_for_streaming, join, read_parquet, store_for, write_parquet
 from training import dist_utils
 from training.callbacks import StageMonitor
 from training.data import mds_loader, streaming_dataset
-from training.evaluation import evaluate, load_reference_sets
+from training.evaluation import evaluate, load_eval_sets
 from training.model import build_causal_lm, composer_model
 
 warnings.filterwarnings("ignore", message=".*warmup duration is 0.*")
@@ -88,7 +90,8 @@ def restore_state(lm, optimizer, state: dict) -> None:
 
 # ---------------------------------------------------------------- run set-up
 class RunContext:
-    """What every stage of a run shares: recipe, pool facts, candidate pools, reference sets."""
+    """What every stage of a run shares: recipe, pool facts, candidate pools, eval sets; and the
+    checks of recipe keys that need the pool (target, eval.primary, stages.audit_by)."""
 
     def __init__(self, recipe: Recipe, log):
         self.recipe, self.log = recipe, log
@@ -104,11 +107,21 @@ class RunContext:
         st = recipe.stages
         self.pools = candidate_pools(pool_size, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
         self.device = dist_utils.device_name(recipe.device)
-        self.refs = load_reference_sets(recipe.data, pad_id=self.eos_id, batch_size=recipe.eval.batch_size,
-                                        max_cloze=recipe.eval.max_cloze, max_heldout=recipe.eval.max_heldout,
-                                        device=self.device)
+        self.target = None
+        if hasattr(recipe.method_options, "target"):
+            self.target = resolve_target(self.pool_marker, recipe.method_options.target,
+                                         f"{method_options_key(st)}.target", recipe.data)
+        self.primary_eval = resolve_primary_eval(self.pool_marker, recipe.eval.primary, "eval.primary", recipe.data)
+        check_audit_column(recipe.data, st.audit_by)
         self.run_store = store_for(recipe.run)
         self.ckpt_store = store_for(recipe.checkpoint_url)
+
+    @functools.cached_property
+    def eval_sets(self):
+        """Read on first evaluation only: `mates curate` never touches an eval set."""
+        r = self.recipe
+        return load_eval_sets(r.data, self.pool_marker, pad_id=self.eos_id, batch_size=r.eval.batch_size,
+                              max_examples=r.eval.max_examples, device=self.device)
 
     def stage_context(self, stage: int) -> StageContext:
         r = self.recipe
@@ -117,7 +130,8 @@ class RunContext:
                             n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio if stage > 0
                                                else r.stages.warmup_ratio),
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
-                            state_url=state_url, device=self.device, log=self.log)
+                            state_url=state_url, device=self.device, log=self.log,
+                            target=self.target if stage > 0 else None, audit_by=r.stages.audit_by)
 
 
 def _commit_recipe(recipe: Recipe) -> None:
@@ -137,11 +151,12 @@ def _commit_recipe(recipe: Recipe) -> None:
     store.write_bytes(text.encode(), "recipe.yaml")
 
 
-def _append_metrics(run_url: str, row: dict) -> None:
-    """Replace the row of `row['stage']` in metrics.parquet (rewritten atomically)."""
+def _append_metrics(run_url: str, stage: int, evals: list[dict], common: dict) -> None:
+    """Replace the rows of `stage` in metrics.parquet (one per eval set; rewritten atomically)."""
     store = store_for(run_url)
     rows = read_parquet(run_url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
-    rows = sorted([r for r in rows if r["stage"] != row["stage"]] + [row], key=lambda r: r["stage"])
+    rows = [r for r in rows if r["stage"] != stage] + [{"stage": stage, **common, **e} for e in evals]
+    rows.sort(key=lambda r: r["stage"])  # stable: eval sets keep their order within a stage
     write_parquet(tables.conform(pa.Table.from_pylist(rows), tables.METRICS), run_url, "metrics.parquet")
 
 
@@ -237,20 +252,20 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
         dist_utils.barrier()
         if stage == 0 and rank == 0:
             lm = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
-            _append_metrics(recipe.run, {"stage": -1, "batches_seen": 0, "tokens_seen": 0,
-                                         **evaluate(lm, ctx.refs), "train_tokens_per_s": 0.0,
-                                         "curation_seconds": 0.0, "train_seconds": 0.0})
+            _append_metrics(recipe.run, -1, evaluate(lm, ctx.eval_sets),
+                            {"batches_seen": 0, "tokens_seen": 0, "train_tokens_per_s": 0.0,
+                             "curation_seconds": 0.0, "train_seconds": 0.0})
         log(f"stage {stage}: training {recipe.stage_batches[stage]} batches")
         trained = train_stage(ctx, stage)
         if rank == 0:
-            metrics = evaluate(trained["lm"], ctx.refs)
-            _append_metrics(recipe.run, {"stage": stage, "batches_seen": trained["timestamp"]["batch"],
-                                         "tokens_seen": trained["timestamp"]["token"], **metrics,
-                                         "train_tokens_per_s": trained["tokens_per_s"],
-                                         "curation_seconds": curation_seconds,
-                                         "train_seconds": trained["seconds"]})
-            log(f"stage {stage}: cloze loss {metrics['cloze_loss']:.4f}, held-out ppl "
-                f"{metrics['heldout_perplexity']:.1f}, {trained['tokens_per_s']:,.0f} tokens/s")
+            evals = evaluate(trained["lm"], ctx.eval_sets)
+            _append_metrics(recipe.run, stage, evals,
+                            {"batches_seen": trained["timestamp"]["batch"],
+                             "tokens_seen": trained["timestamp"]["token"],
+                             "train_tokens_per_s": trained["tokens_per_s"],
+                             "curation_seconds": curation_seconds, "train_seconds": trained["seconds"]})
+            losses = ", ".join(f"{e['eval_set']} ({e['loss_kind']}) {e['loss']:.4f}" for e in evals)
+            log(f"stage {stage}: eval loss {losses}; {trained['tokens_per_s']:,.0f} tokens/s")
         _commit_stage_state(ctx, stage, trained)
         dist_utils.barrier()
     if rank == 0:
@@ -258,12 +273,31 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
 
 
 def metrics_table(run_url: str) -> str:
+    """The console table: one row per stage, one loss column per eval set (`*`: cloze kind)."""
     rows = read_parquet(run_url, "metrics.parquet").to_pylist()
-    head = f"{'stage':>5} {'batches':>8} {'tokens':>10} {'cloze loss':>10} {'heldout ppl':>11} {'tok/s':>8} {'curate s':>8}"
-    lines = [head] + [f"{r['stage']:>5} {r['batches_seen']:>8} {r['tokens_seen']:>10} {r['cloze_loss']:>10.4f} "
-                      f"{r['heldout_perplexity']:>11.1f} {r['train_tokens_per_s']:>8.0f} {r['curation_seconds']:>8.1f}"
-                      for r in rows]
+    kinds = {r["eval_set"]: r["loss_kind"] for r in rows}
+    names = list(kinds)
+    labels = [n + ("*" if kinds[n] == "cloze" else "") for n in names]
+    width = max([10] + [len(label) for label in labels])
+    head = f"{'stage':>5} {'batches':>8} {'tokens':>10} " + " ".join(f"{n:>{width}}" for n in labels) + \
+        f" {'tok/s':>8} {'curate s':>8}"
+    lines = ["eval loss per set (* = cloze: the target word only)", head]
+    for st in tables.metrics_by_stage(rows):
+        cells = " ".join(f"{st['loss'].get(n, float('nan')):>{width}.4f}" for n in names)
+        lines.append(f"{st['stage']:>5} {st['batches_seen']:>8} {st['tokens_seen']:>10} {cells} "
+                     f"{st['train_tokens_per_s']:>8.0f} {st['curation_seconds']:>8.1f}")
     return "\n".join(lines)
+
+
+def check_audit_column(data_url: str, column: str) -> None:
+    """`stages.audit_by` must name a catalog column (read from the Parquet footer only)."""
+    import pyarrow.parquet as pq
+
+    store = store_for(data_url)
+    with store.fs.open(store.path("catalog", "samples.parquet"), "rb") as handle:
+        names = pq.read_schema(handle).names
+    if column not in names:
+        raise MatesError(f"`stages.audit_by` must be a catalog column ({', '.join(names)}); got {column!r}.")
 
 
 def curate_stage(run_url: str, stage: int, *, force: bool = False, log=print) -> None:

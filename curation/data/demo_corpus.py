@@ -3,17 +3,19 @@
 On-target (for an English reference): English Wikipedia summaries. Other real text: BBC news
 (English, another register), Spanish and French Wikipedia summaries. Deterministic junk tiers,
 made only from pool documents: word-shuffled English, templated spam, character noise, and
-near-duplicates. Reference sets come from English summaries held out of the pool entirely (no
-junk tier is made from them either):
+near-duplicates. Target and evaluation sets come from documents held out of the pool entirely
+(no junk tier is made from them either), each from documents in no other set:
 
-* `reference/cloze.jsonl`: LAMBADA-style, {"context", "target"}: loss on the final word only;
-* `reference/heldout.jsonl`: {"text"}: held-out perplexity.
+* `targets/wiki_en.jsonl` {"text"} (lm: every token) and `targets/wiki_en_cloze.jsonl`
+  {"context", "target"} (cloze: LAMBADA style, the final word only): what curation aims at;
+* `eval/wiki_en.jsonl` (lm), `eval/wiki_en_cloze.jsonl` (cloze): the target's domain, other
+  documents; `eval/bbc_en.jsonl` (lm): held-out BBC news, English but not the target domain.
 
-Output files: `corpus.jsonl` ({"id", "text", "source"}) and the two reference files.
+Output files: `corpus.jsonl` ({"id", "text", "source"}), `targets/*.jsonl`, `eval/*.jsonl`.
+Texts are de-duplicated (normalised sha1) before the split, so the sets are disjoint by hash too.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -21,13 +23,14 @@ import re
 from dataclasses import dataclass
 
 from curation.data import sources
+from curation.data.sets import EVAL, TARGETS, normalised_sha1
 
 
 @dataclass(kw_only=True)
 class DemoCorpusConfig:
     seed: int = 0
-    n_cloze: int = 256
-    n_heldout: int = 256
+    n_target: int = 256                 # examples per target set
+    n_eval: int = 256                   # examples per eval set
     max_per_source: int | None = None   # cap on each real source (None = all)
     junk_fraction: float = 0.12         # each junk tier's size as a fraction of English docs
 
@@ -40,10 +43,6 @@ _SPAM_TEMPLATES = [
     "Top 10 {a} you won't believe! Number 7 will shock you. {b} {b} {b}. Share this with "
     "your friends. Like and subscribe for more {a} content. Sponsored: {b} casino bonus.",
 ]
-
-
-def _sha1(text: str) -> str:
-    return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
 def _cloze_example(text: str, rng: random.Random) -> dict | None:
@@ -69,14 +68,35 @@ def _near_duplicate(text: str, rng: random.Random) -> str:
     return " ".join(words)
 
 
-def build_demo_corpus(cfg: DemoCorpusConfig) -> tuple[list[dict], list[dict], list[dict]]:
-    """Return (corpus docs, cloze examples, heldout docs); deterministic in `cfg.seed`."""
+def _unique(items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Drop texts whose normalised sha1 was seen before (keeps the first, in the given order)."""
+    seen, out = set(), []
+    for key, text in items:
+        h = normalised_sha1(text)
+        if h not in seen:
+            seen.add(h)
+            out.append((key, text))
+    return out
+
+
+def _cloze_set(held: list[tuple[str, str]], rng: random.Random) -> list[dict]:
+    return [ex for _, text in held if (ex := _cloze_example(text, rng))]
+
+
+def build_demo_corpus(cfg: DemoCorpusConfig) -> tuple[list[dict], dict[str, list[dict]], dict[str, list[dict]]]:
+    """Return (corpus docs, {target: rows}, {eval set: rows}); deterministic in `cfg.seed`."""
     rng = random.Random(cfg.seed)
-    english = sources.wiki_summaries("en")
+    english = _unique(sources.wiki_summaries("en"))
     rng.shuffle(english)
-    held, english = english[: cfg.n_cloze + cfg.n_heldout], english[cfg.n_cloze + cfg.n_heldout:]
-    cloze = [ex for _, text in held[: cfg.n_cloze] if (ex := _cloze_example(text, rng))]
-    heldout = [{"text": text} for _, text in held[cfg.n_cloze:]]
+    cuts = [0, cfg.n_target, 2 * cfg.n_target, 2 * cfg.n_target + cfg.n_eval, 2 * cfg.n_target + 2 * cfg.n_eval]
+    held = [english[a:b] for a, b in zip(cuts, cuts[1:])]
+    english = english[cuts[-1]:]
+    bbc = _unique(sources.bbc_news())
+    rng.shuffle(bbc)
+    bbc_held, bbc = bbc[: cfg.n_eval], sorted(bbc[cfg.n_eval:])
+    targets = {"wiki_en": [{"text": t} for _, t in held[0]], "wiki_en_cloze": _cloze_set(held[1], rng)}
+    evals = {"wiki_en": [{"text": t} for _, t in held[2]], "wiki_en_cloze": _cloze_set(held[3], rng),
+             "bbc_en": [{"text": t} for _, t in bbc_held]}
 
     cap = cfg.max_per_source
     english = english[:cap] if cap else english
@@ -85,7 +105,6 @@ def build_demo_corpus(cfg: DemoCorpusConfig) -> tuple[list[dict], list[dict], li
         items = sources.wiki_summaries(lang)
         docs += [{"id": f"wiki_{lang}/{t}", "text": x, "source": f"wiki_{lang}"}
                  for t, x in (items[:cap] if cap else items)]
-    bbc = sources.bbc_news()
     docs += [{"id": f"bbc/{k}", "text": x, "source": "bbc_news"} for k, x in (bbc[:cap] if cap else bbc)]
 
     n_junk = max(1, int(cfg.junk_fraction * len(english)))
@@ -104,7 +123,7 @@ def build_demo_corpus(cfg: DemoCorpusConfig) -> tuple[list[dict], list[dict], li
         title, text = english[rng.randrange(len(english))]
         docs.append({"id": f"near_dup/{i}", "text": _near_duplicate(text, rng), "source": "near_dup"})
     rng.shuffle(docs)
-    return docs, cloze, heldout
+    return docs, targets, evals
 
 
 def write_jsonl(path: str, rows: list[dict]) -> None:
@@ -116,15 +135,23 @@ def write_jsonl(path: str, rows: list[dict]) -> None:
 
 
 def write_demo_corpus(out_dir: str, cfg: DemoCorpusConfig) -> dict:
-    """Write corpus.jsonl and reference/{cloze,heldout}.jsonl; return per-source counts."""
-    docs, cloze, heldout = build_demo_corpus(cfg)
-    held_hashes = {_sha1(ex["context"] + ex["target"]) for ex in cloze} | {_sha1(d["text"]) for d in heldout}
-    assert not any(_sha1(d["text"]) in held_hashes for d in docs), "held-out text leaked into pool"
-    os.makedirs(os.path.join(out_dir, "reference"), exist_ok=True)
-    write_jsonl(os.path.join(out_dir, "reference", "cloze.jsonl"), cloze)
-    write_jsonl(os.path.join(out_dir, "reference", "heldout.jsonl"), heldout)
+    """Write corpus.jsonl, targets/*.jsonl and eval/*.jsonl; return per-source and per-set counts."""
+    docs, targets, evals = build_demo_corpus(cfg)
+    for role, sets in ((TARGETS, targets), (EVAL, evals)):
+        os.makedirs(os.path.join(out_dir, role), exist_ok=True)
+        for name, rows in sets.items():
+            write_jsonl(os.path.join(out_dir, role, f"{name}.jsonl"), rows)
     write_jsonl(os.path.join(out_dir, "corpus.jsonl"), docs)
     counts: dict[str, int] = {}
     for d in docs:
         counts[d["source"]] = counts.get(d["source"], 0) + 1
-    return {"documents": len(docs), "cloze": len(cloze), "heldout": len(heldout), "sources": counts}
+    return {"documents": len(docs), "sources": counts,
+            "targets": {n: len(r) for n, r in targets.items()}, "eval": {n: len(r) for n, r in evals.items()}}
+
+
+def demo_set_files(out_dir: str) -> tuple[dict[str, str], dict[str, str]]:
+    """({target: file}, {eval set: file}) of a demo corpus folder, in the order ingest stamps them."""
+    def files(role: str, names: tuple[str, ...]) -> dict[str, str]:
+        return {n: os.path.join(out_dir, role, f"{n}.jsonl") for n in names}
+
+    return files(TARGETS, ("wiki_en", "wiki_en_cloze")), files(EVAL, ("wiki_en", "wiki_en_cloze", "bbc_en"))

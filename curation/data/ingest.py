@@ -11,7 +11,8 @@ Sample ids are consecutive integers in input order (files sorted by name, record
 the same input gives the same ids and the same bytes.
 
 Atomicity. Everything is built in a local scratch folder first; bad input stops before any byte
-reaches `<data>`. Then the tokenizer, reference sets, shards and catalog are uploaded, the pool's
+reaches `<data>` (an eval set that shares a document with a target or the pool is such input,
+see curation/data/sets.py). Then the tokenizer, target and eval sets, shards and catalog are uploaded, the pool's
 `index.json` after its shards, and `<data>/_SUCCESS` (with the summary) last. A `<data>` without
 `_SUCCESS` is not a pool.
 """
@@ -31,6 +32,8 @@ import pyarrow as pa
 
 from curation.data import tokenizer as tokmod
 from curation.data.readers import read_documents
+from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, refuse_pool_overlap,
+                                set_entry, tokenize_set)
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.recipe import IngestConfig, TokenizerConfig
@@ -95,40 +98,6 @@ def slice_document(ids: list[int], offsets: list[tuple[int, int]], text: str, eo
     return out, dropped
 
 
-def tokenize_reference(tok, rows: list[dict], seq_len: int) -> pa.Table:
-    """Cloze rows {"context", "target"} or heldout rows {"text"} -> REFERENCE table."""
-    eos = tok.token_to_id(tokmod.EOS)
-    ids_col, start_col = [], []
-    for row in rows:
-        if "target" in row:  # loss on the target word only; context left-truncated to fit
-            target = tok.encode(row["target"]).ids
-            context = ([eos] + tok.encode(row["context"]).ids)[-(seq_len - len(target)):]
-            ids_col.append(context + target)
-            start_col.append(len(context))
-        else:
-            ids_col.append(([eos] + tok.encode(row["text"]).ids)[:seq_len])
-            start_col.append(1)
-    table = pa.table({"input_ids": ids_col, "target_start": start_col})
-    return tables.conform(table, tables.REFERENCE)
-
-
-def _read_reference(url: str) -> dict[str, list[dict]]:
-    """`cloze.jsonl` ({"context", "target"}) and `heldout.jsonl` ({"text"}) under `url`."""
-    store, out = store_for(url), {}
-    for name, keys in (("cloze", ("context", "target")), ("heldout", ("text",))):
-        if not store.exists(f"{name}.jsonl"):
-            continue
-        lines = store.read_bytes(f"{name}.jsonl").decode("utf-8").splitlines()
-        rows = [json.loads(line) for line in lines if line.strip()]
-        for i, row in enumerate(rows):
-            if not all(isinstance(row.get(k), str) for k in keys):
-                raise MatesError(f"`{url}/{name}.jsonl` row {i} lacks string fields {list(keys)}.")
-        out[name] = rows
-    if not out:
-        raise MatesError(f"`reference` {url!r} holds neither cloze.jsonl nor heldout.jsonl.")
-    return out
-
-
 def _write_pool(docs: Iterator[dict], tok, cfg: IngestConfig, out_dir: str, summary: IngestSummary,
                 progress: Callable | None) -> list[dict]:
     """Tokenize, slice and write MDS shards into `out_dir`; return catalog rows (no shard yet)."""
@@ -174,7 +143,8 @@ def _assign_shards(rows: list[dict], index_path: str) -> int:
 
 
 def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: TokenizerConfig,
-           reference_url: str | None = None, default_source: str = "text", force: bool = False,
+           targets: dict[str, str] | None = None, evals: dict[str, str] | None = None,
+           default_source: str = "text", force: bool = False,
            progress: Callable | None = None) -> IngestSummary:
     """Ingest documents at `input_url` into the pool at `data_url`; see the module docstring."""
     started = time.perf_counter()
@@ -183,10 +153,12 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     if store.exists("_SUCCESS") and not force:
         raise MatesError(f"`data` {data_url!r} already holds an ingested pool; pass --force to "
                          f"replace it (runs that read it will no longer match).")
+    target_sets = [read_set_file(n, u, "--target") for n, u in (targets or {}).items()]
+    eval_sets = [read_set_file(n, u, "--eval") for n, u in (evals or {}).items()]
+    eval_hashes = check_disjoint(target_sets, eval_sets)
+
     def docs():  # read twice: once to train the tokenizer, once to slice
         return _checked(read_documents(input_url, default_source), cfg.max_doc_chars)
-
-    references = _read_reference(reference_url) if reference_url else {}
     if tokenizer_cfg.path:
         tok = tokmod.load_tokenizer_file(tokenizer_cfg.path)
     else:
@@ -197,7 +169,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     summary = IngestSummary()
     with tempfile.TemporaryDirectory(prefix="mates-ingest-") as tmp:
         pool_dir = os.path.join(tmp, "pool")
-        rows = _write_pool(docs(), tok, cfg, pool_dir, summary, progress)
+        rows = _write_pool(refuse_pool_overlap(docs(), eval_hashes), tok, cfg, pool_dir, summary, progress)
         if not rows:
             raise MatesError(f"`input` {input_url!r} gave no sample of >= {cfg.min_tokens} tokens "
                              f"(`ingest.min_tokens`); nothing to write.")
@@ -207,11 +179,13 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         # Commit: nothing above touched <data>. Remove a previous pool only now (with --force).
         if force:
             store.remove("_SUCCESS")
-            for sub in ("pool", "catalog", "reference", "tokenizer"):
+            for sub in ("pool", "catalog", TARGETS, EVAL, "embeddings", "tokenizer"):
                 store.remove(sub)
         tokmod.save_tokenizer(tok, data_url)
-        for name, rows_ in references.items():
-            write_parquet(tokenize_reference(tok, rows_, cfg.seq_len), data_url, "reference", f"{name}.parquet")
+        eos = tok.token_to_id(tokmod.EOS)
+        for role, sets in ((TARGETS, target_sets), (EVAL, eval_sets)):
+            for named in sets:
+                write_parquet(tokenize_set(tok, named, cfg.seq_len, eos), data_url, role, f"{named.name}.parquet")
         for name in sorted(os.listdir(pool_dir)):
             if name != "index.json":
                 summary.bytes_written += os.path.getsize(os.path.join(pool_dir, name))
@@ -220,7 +194,10 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         store.put_file(os.path.join(pool_dir, "index.json"), "pool", "index.json")
     summary.seconds = time.perf_counter() - started
     marker = {"format": "mates-pool", "version": 1, "seq_len": cfg.seq_len,
-              "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(), "summary": summary.to_dict()}
+              "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(),
+              "sets": {TARGETS: {t.name: set_entry(t) for t in target_sets},
+                       EVAL: {e.name: set_entry(e) for e in eval_sets}},
+              "summary": summary.to_dict()}
     store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
     return summary
 

@@ -22,6 +22,8 @@ class StageContext:
     seed: int
     options: Any                      # the method's options dataclass (schemas.recipe)
     state_url: str | None = None      # probe state of the model at this boundary (None: initial)
+    target: str | None = None         # the target set the method aims at (<data>/targets/<name>)
+    audit_by: str = "source"          # catalog column of the stage audit (curation/audit.py)
     device: str = "cpu"
     log: Any = print
     timings: dict = field(default_factory=dict)   # seconds per phase, written to _SUCCESS

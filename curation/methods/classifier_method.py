@@ -1,7 +1,7 @@
-"""`classifier`: a DCLM-style quality filter, reference text vs the stage's candidates.
+"""`classifier`: a DCLM-style quality filter, target text vs the stage's candidates.
 
 A fastText-like linear classifier: the mean of learned vectors over a text's hashed word
-unigrams + bigrams, then a logistic head; positives are the reference set (the one MATES' oracle
+unigrams + bigrams, then a logistic head; positives are the target set (the one MATES' oracle
 uses), negatives the candidates, the classes balanced by weighting. Candidates are kept by the
 classifier's logit, highest first (pred = -z-scored logit; the default temperature makes the
 Gumbel top-k nearly the plain top-k that DCLM's threshold gives).
@@ -13,7 +13,7 @@ import torch
 
 from curation.hashed_ngrams import ngram_bags
 from curation.methods.base import CurationMethod, StageContext
-from curation.methods.texts import candidate_texts, reference_texts
+from curation.methods.texts import candidate_texts, target_texts
 from curation.selection import standardized
 
 
@@ -69,10 +69,10 @@ class ClassifierMethod(CurationMethod):
     def predict(self, ctx: StageContext) -> np.ndarray:
         opts = ctx.options
         texts = candidate_texts(ctx)
-        target = reference_texts(ctx, opts.reference, opts.max_reference)
+        target = target_texts(ctx, opts.max_target)
         model = fit_classifier(target, texts, n_features=opts.n_features, max_n=opts.max_n, dim=opts.dim,
                                epochs=opts.epochs, lr=opts.lr, seed=ctx.seed + ctx.stage)
         logits = classifier_logits(model, texts, opts.n_features, opts.max_n)
-        ctx.log(f"  classifier: trained on {len(target)} reference vs {len(texts)} candidate texts; "
+        ctx.log(f"  classifier: trained on {len(target)} target (`{ctx.target}`) vs {len(texts)} candidate texts; "
                 f"candidate logit mean {logits.mean():+.2f}, std {logits.std():.2f}")
         return -standardized(logits)

@@ -1,6 +1,6 @@
-"""`dsir`: data selection with importance resampling (Xie et al. 2023) toward the reference set.
+"""`dsir`: data selection with importance resampling (Xie et al. 2023) toward the target set.
 
-Both the target (the reference set MATES' oracle uses) and the raw data (this stage's candidates)
+Both the target (the target set MATES' oracle uses) and the raw data (this stage's candidates)
 are modelled as bags of hashed word unigrams + bigrams; a candidate's log importance weight is
     log w(x) = sum over its n-grams g of  log p_target(g) - log p_raw(g)
 with add-one smoothing. DSIR resamples with Gumbel top-k on log w, which is this repo's shared
@@ -12,7 +12,7 @@ import numpy as np
 
 from curation.hashed_ngrams import ngram_bags, ngram_counts
 from curation.methods.base import CurationMethod, StageContext
-from curation.methods.texts import candidate_texts, reference_texts
+from curation.methods.texts import candidate_texts, target_texts
 
 
 def log_importance_weights(candidates: list[str], target: list[str], n_features: int, max_n: int) -> np.ndarray:
@@ -36,8 +36,8 @@ class DsirMethod(CurationMethod):
     def predict(self, ctx: StageContext) -> np.ndarray:
         opts = ctx.options
         texts = candidate_texts(ctx)
-        target = reference_texts(ctx, opts.reference, opts.max_reference)
+        target = target_texts(ctx, opts.max_target)
         log_w = log_importance_weights(texts, target, opts.n_features, opts.max_n)
         ctx.log(f"  dsir: log importance weight mean {log_w.mean():+.1f}, std {log_w.std():.1f} "
-                f"({len(target)} reference texts, {opts.n_features} hashed buckets)")
+                f"({len(target)} texts of target `{ctx.target}`, {opts.n_features} hashed buckets)")
         return -log_w

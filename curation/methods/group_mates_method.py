@@ -5,7 +5,7 @@ At a stage boundary:
   1. MATES first: one-step oracle probes and the MiniLM influence model, whose pooled,
      L2-normalised state is the embedding h(x);
   2. group oracle: random trajectories of T sequential one-step updates from the stage state,
-     the reference-loss increment after every step -> trajectories.parquet;
+     the target-loss increment after every step -> trajectories.parquet;
   3. relational model θ_t = s_t·α·(1 − Σ_{i<t} h_i·h_t / (β(t−1))), s = w·h + b, fitted to the
      z-scored increments (head initialised from the influence model) -> relational_model/;
   4. every candidate scored: s(x) and h(x); spherical k-means over h; DuckDB drops exact

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from curation.batching import ReferenceSet
+from curation.data.sets import TARGETS, load_set
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.failpoints import failpoint
 from curation.index_writer import stage_url
@@ -24,7 +25,7 @@ from curation.pool import MDSFolder
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state
-from schemas.storage import join, read_parquet, store_for, write_parquet
+from schemas.storage import join, store_for, write_parquet
 
 
 def _split_url(url: str) -> tuple[str, str]:
@@ -36,12 +37,13 @@ class MatesMethod(CurationMethod):
     name = "mates"
 
     def oracle_inputs(self, ctx: StageContext, pad_id: int) -> tuple[dict, ReferenceSet]:
-        """The model state at this boundary and the reference set L_ref is measured on."""
+        """The model state at this boundary and the target set L_ref is measured on (its loss kind
+        is in its rows: `target_start` = 1 for lm, the target word's first token for cloze)."""
         if ctx.state_url is None:
             raise MatesError(f"`{self.name}` needs a trained model state; stage 0 is always `random`.")
         state = load_probe_state(*_split_url(ctx.state_url))
-        table = read_parquet(ctx.data_url, "reference", f"{ctx.options.reference}.parquet")
-        return state, ReferenceSet(table, pad_id, batch_size=16, limit=ctx.options.max_reference)
+        table = load_set(ctx.data_url, TARGETS, ctx.target)
+        return state, ReferenceSet(table, pad_id, batch_size=16, limit=ctx.options.max_target)
 
     def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x))."""
@@ -58,6 +60,7 @@ class MatesMethod(CurationMethod):
         probes = pa.table({"sample_id": ids, "influence": influence,
                            "method": [opts.probe_method] * n, "stage": [ctx.stage] * n})
         write_parquet(tables.conform(probes, tables.PROBES), stage_url(ctx.run_url, ctx.stage), "probes.parquet")
+        self.probed = (ids, influence)  # for the stage audit
         return ids, influence
 
     def previous_model(self, ctx: StageContext):
