@@ -57,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, required=True)
     p.add_argument("--force", action="store_true", help="recompute a committed stage")
 
+    p = sub.add_parser("audit-oracle", help="the one-step oracle per catalog group, per target and probe method")
+    p.add_argument("--run", required=True, help="run URL (holds recipe.yaml and the stage state)")
+    p.add_argument("--stage", type=int, default=0, help="probe the state at the end of this stage")
+    p.add_argument("--targets", default="wiki_en", help="comma-separated target sets of the pool")
+    p.add_argument("--methods", default="first_order=40,preconditioned=40,exact=16",
+                   help="METHOD=PROBES_PER_GROUP, comma-separated (probes are shared: smaller N = a prefix)")
+    p.add_argument("--group-by", default="source", help="catalog column to stratify and group by")
+    p.add_argument("--max-target", type=int, default=64, help="target examples L_ref is measured on")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write the result as JSON here")
+
     p = sub.add_parser("query", help="read-only DuckDB SQL over a run's tables (committed stages only)")
     p.add_argument("run", help="run URL (local folder or s3://)")
     p.add_argument("sql", help="one SQL statement; views: samples, probes, trajectories, scores, "

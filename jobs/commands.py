@@ -157,6 +157,49 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_audit_oracle(args) -> int:
+    """The one-step oracle per catalog group, for each target x probe method, on a run's state."""
+    from curation.batching import ReferenceSet
+    from curation.data.sets import TARGETS, load_set, resolve_target
+    from curation.data.ingest import read_pool_marker
+    from curation.data.tokenizer import EOS, load_pool_tokenizer
+    from curation.oracle_audit import audit_markdown, oracle_audit
+    from schemas.probe_state import load_probe_state
+    from schemas.storage import store_for
+    from training.dist_utils import device_name
+    from training.stage_loop import state_name
+
+    store = store_for(args.run)
+    if not store.exists("recipe.yaml"):
+        raise MatesError(f"`--run` {args.run!r} holds no recipe.yaml; start it with `mates run`.")
+    from schemas.recipe import load_recipe
+
+    recipe = load_recipe(store.read_bytes("recipe.yaml").decode(), {"run": args.run})
+    marker = read_pool_marker(recipe.data)
+    pad = load_pool_tokenizer(recipe.data).token_to_id(EOS)
+    names = [resolve_target(marker, n, "--targets", recipe.data) for n in args.targets.split(",")]
+    targets = {n: ReferenceSet(load_set(recipe.data, TARGETS, n), pad, 16, args.max_target) for n in names}
+    per_group = {}
+    for item in args.methods.split(","):
+        method, _, n = item.partition("=")
+        if not n.isdigit() or int(n) < 2:
+            raise MatesError(f"`--methods` takes METHOD=N_PER_GROUP (N >= 2), comma-separated; got {item!r}.")
+        per_group[method] = int(n)
+    if not store_for(recipe.checkpoint_url).exists(state_name(args.stage)):
+        raise MatesError(f"`--stage` {args.stage}: {recipe.checkpoint_url} holds no {state_name(args.stage)}.")
+    state = load_probe_state(recipe.checkpoint_url, state_name(args.stage))
+    log(f"audit-oracle: state after stage {args.stage} of {args.run}; targets {names}; probes per group {per_group}")
+    result = oracle_audit(state, recipe.data, targets=targets, per_group=per_group, group_by=args.group_by,
+                          seed=args.seed, pad_id=pad, device=device_name(recipe.device), log=log)
+    text = audit_markdown(result)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as handle:
+            json.dump({"run": args.run, "stage": args.stage, "command": " ".join(sys.argv), **result}, handle, indent=2)
+    print(text)
+    return 0
+
+
 # ---------------------------------------------------------------- query
 def format_table(table, max_rows: int = 40) -> str:
     """A plain aligned text table of an Arrow table (first `max_rows` rows)."""

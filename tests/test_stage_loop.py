@@ -133,7 +133,8 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
     assert [m["stage"] for m in metrics if m["eval_set"] == "wiki_en"] == [-1, 0, 1]
     assert metrics[-1]["batches_seen"] == 50
     # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
-    assert metrics[-1]["loss"] < metrics[0]["loss"] and metrics[-1]["eval_set"] == metrics[0]["eval_set"]
+    wiki = [m["loss"] for m in metrics if m["eval_set"] == "wiki_en"]
+    assert wiki[-1] < wiki[0]
     stage = join(run, "stages", "1")
     assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
     assert sorted(store_for(stage).listdir("scores")) == ["part-00000.parquet", "part-00001.parquet"]

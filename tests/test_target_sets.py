@@ -148,6 +148,16 @@ def test_curation_reads_the_named_target_and_never_an_eval_set(local_pool, tmp_p
     code, err = cli(capsys, "run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run}", "--set", METHOD_BLOCKS,
                     "--set", "stages.pool_per_stage=200", "--set", "stages.batches=[12, 4]", "--until-stage", "0")
     assert code == 0, err[-3000:]
+    out = tmp_path / "oracle-audit.json"
+    code, err = cli(capsys, "audit-oracle", "--run", run, "--targets", "wiki_en,wiki_en_cloze",
+                    "--methods", "first_order=4,exact=2", "--max-target", "8", "--out", str(out))
+    assert code == 0, err[-3000:]
+    result = json.load(open(out))
+    for target in ("wiki_en", "wiki_en_cloze"):  # 8 sources x (4 first-order, 2 exact) probes, shared
+        rows = [r for r in result["rows"] if r["target"] == target]
+        assert sorted((r["method"], r["probes"]) for r in rows) == [("exact", 2)] * 8 + [("first_order", 4)] * 8
+        share = next(a for a in result["spearman"] if a["target"] == target)
+        assert share["probes"] == 16 and share["spearman"] > 0.5  # first order ranks like exact
     for path in glob.glob(os.path.join(data, EVAL, "*.parquet")) + [os.path.join(data, TARGETS, "wiki_en.parquet")]:
         with open(path, "wb") as handle:
             handle.write(b"not parquet")
@@ -181,3 +191,36 @@ def test_an_unknown_target_or_primary_eval_is_refused_before_any_work(local_pool
                         "--set", "stages.method=dsir", "--set", f"{key}={value}")
         assert code == 2 and said in err, err[-2000:]
         assert not (run / "stages").exists()
+
+
+def test_audit_table_aggregates_by_group_as_numpy_does():
+    """Mean z and standard error per group, the selection share, and the oracle side where probed."""
+    import pyarrow as pa
+
+    from curation.audit import audit_line, audit_table, zscore
+
+    rng = np.random.default_rng(3)
+    groups = np.array(["a", "b", "c"])[rng.integers(0, 3, 300)]
+    catalog = pa.table({"sample_id": np.arange(300), "source": groups})
+    cand = np.sort(rng.choice(300, 120, replace=False))
+    scores = rng.normal(size=120) + (groups[cand] == "a") * -1.0    # "a" is preferred
+    selected = scores < np.quantile(scores, 0.25)
+    probes = cand[::3]
+    influence = rng.normal(size=len(probes)) + (groups[probes] == "c") * 2.0   # the oracle hates "c"
+    got = {r["group"]: r for r in audit_table(catalog, stage=2, group_by="source", candidates=cand, scores=scores,
+                                              selected=selected, probe_ids=probes,
+                                              probe_influence=influence).to_pylist()}
+    z, oz = zscore(scores), zscore(influence)
+    for g in "abc":
+        mine = groups[cand] == g
+        assert got[g]["candidates"] == mine.sum() and got[g]["stage"] == 2
+        assert got[g]["score_mean_z"] == pytest.approx(z[mine].mean())
+        assert got[g]["score_se"] == pytest.approx(z[mine].std(ddof=1) / np.sqrt(mine.sum()))
+        assert got[g]["selected_share"] == pytest.approx((selected & mine).sum() / selected.sum())
+        pm = groups[probes] == g
+        assert got[g]["probes"] == pm.sum() and got[g]["oracle_mean_z"] == pytest.approx(oz[pm].mean())
+    line = audit_line(audit_table(catalog, stage=2, group_by="source", candidates=cand, scores=scores,
+                                  selected=selected, probe_ids=probes, probe_influence=influence))
+    assert line.startswith("audit by source (oracle): prefers ") and "avoids c (" in line
+    flat = audit_table(catalog, stage=0, group_by="source", candidates=cand, scores=np.zeros(120), selected=selected)
+    assert audit_line(flat) is None and set(flat.column("probes").to_pylist()) == {0}  # random prefers nothing
