@@ -51,5 +51,5 @@ def test_store_down_for_good_then_resume(s3_pool, s3_server):
 
     result = _run_through(s3_server, s3_pool, run)  # the store is back
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(read_parquet(run, "metrics.parquet").to_pylist()) == 3
+    assert sorted({m["stage"] for m in read_parquet(run, "metrics.parquet").to_pylist()}) == [-1, 0, 1]
     assert os.environ["AWS_ENDPOINT_URL_S3"] == s3_server

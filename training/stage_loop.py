@@ -290,12 +290,14 @@ def metrics_table(run_url: str) -> str:
 
 
 def check_audit_column(data_url: str, column: str) -> None:
-    """`stages.audit_by` must name a catalog column (read from the Parquet footer only)."""
+    """`stages.audit_by` must name a catalog column."""
+    import io
+
     import pyarrow.parquet as pq
 
-    store = store_for(data_url)
-    with store.fs.open(store.path("catalog", "samples.parquet"), "rb") as handle:
-        names = pq.read_schema(handle).names
+    # the whole object through read_bytes: its retries are the store's (a ranged read of the
+    # footer through fs.open does not retry a failed size lookup, and saw 0 bytes under faults)
+    names = pq.read_schema(io.BytesIO(store_for(data_url).read_bytes("catalog", "samples.parquet"))).names
     if column not in names:
         raise MatesError(f"`stages.audit_by` must be a catalog column ({', '.join(names)}); got {column!r}.")
 
