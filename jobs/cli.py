@@ -49,6 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-stage", type=int, default=None, metavar="K",
                    help="train stages 0..K only (a later `mates run` goes on from there)")
 
+    p = sub.add_parser("embed", help="embed a pool with the frozen encoder ahead of time (backbone: frozen)")
+    p.add_argument("--recipe", required=True, help="recipe whose encoder settings to use (name or YAML)")
+    p.add_argument("--data", help="pool URL (default: the recipe's `data`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--method", default=None, help="options block to take encoder settings from "
+                                                  "(default: the recipe's method, else mates)")
+    p.add_argument("--touched", action="store_true", help="only the candidates of the recipe's curated stages")
+    p.add_argument("--limit", type=int, default=None, help="only the first N of those sample ids")
+    p.add_argument("--part-size", type=int, default=None, help="samples per stored part (default 2048)")
+
     p = sub.add_parser("curate", help="run one stage boundary's curation job on its own")
     p.add_argument("--run", required=True, help="run URL (holds recipe.yaml)")
     p.add_argument("--stage", type=int, required=True)

@@ -126,6 +126,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from jobs.embed import embed_pool
+
+    overrides = dict(args.set)
+    if args.data:
+        overrides["data"] = args.data
+    result = embed_pool(load(args.recipe, overrides), method=args.method, touched=args.touched,
+                        limit=args.limit, part_size=args.part_size, log=log)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_curate(args) -> int:
     from training.stage_loop import curate_stage
 
