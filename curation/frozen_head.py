@@ -49,12 +49,15 @@ class FrozenHead(nn.Module):
         self.dropout = nn.Dropout(0.1)
         self.linear = nn.Linear(self.dim, 1)
         self.label_mean, self.label_std = 0.0, 1.0
+        self._saved = None                                   # (w, b) in float64 once loaded
 
     def forward(self, emb: torch.Tensor) -> torch.Tensor:
         return self.linear(self.dropout((emb - self.mu) / self.sd)).squeeze(-1)              # [N]
 
     def folded(self) -> tuple[np.ndarray, float]:
         """(w [D], b): the head with the standardisation folded in; pred = E @ w + b in eval mode."""
+        if getattr(self, "_saved", None) is not None:  # loaded: the float64 weights as saved
+            return self._saved
         w = (self.linear.weight.detach().reshape(-1) / self.sd).double()                     # [D]
         b = float(self.linear.bias.detach().double()) - float((w * self.mu.double()).sum())
         return w.cpu().numpy(), b
@@ -92,6 +95,7 @@ class FrozenHead(nn.Module):
         with torch.no_grad():
             head.linear.weight.copy_(weights["weight"].to(torch.float32))
             head.linear.bias.copy_(weights["bias"].to(torch.float32))
+        head._saved = (weights["weight"].reshape(-1).double().numpy(), float(weights["bias"].double()[0]))
         head.label_mean, head.label_std = config["label_mean"], config["label_std"]
         return head.eval()
 

@@ -137,7 +137,7 @@ def test_frozen_head_learns_and_scores_as_one_matrix_product(tmp_path):
     assert np.abs(head.predict(emb) - module).max() < 1e-4
     head.save(str(tmp_path / "head"))
     loaded = FrozenHead.load(str(tmp_path / "head"))
-    assert np.abs(loaded.predict(emb) - head.predict(emb)).max() < 1e-4
+    assert np.abs(loaded.predict(emb) - head.predict(emb)).max() < 1e-12  # float64 weights saved
     assert (loaded.label_mean, loaded.label_std) == (metrics["label_mean"], metrics["label_std"])
     with pytest.raises(MatesError, match="at least 10"):
         fit_frozen_head(emb[:5], labels[:5], epochs=1, lr=1e-3, batch_size=4, seed=0)
