@@ -209,6 +209,13 @@ def cmd_query(args) -> int:
 def cmd_bench(args) -> int:
     from jobs import bench
 
+    if args.what == "backbones":
+        from jobs.bench_backbones import bench_backbones
+
+        if not args.run:
+            raise MatesError("`--run` is required for `mates bench backbones`.")
+        print(json.dumps(bench_backbones(args.run, args.stage, log=log), indent=2))
+        return 0
     result = getattr(bench, f"bench_{args.what}")(load(args.recipe), out=args.out, log=log)
     print(json.dumps(result, indent=2))
     return 0

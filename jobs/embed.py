@@ -15,13 +15,32 @@ from schemas.recipe import METHOD_OPTIONS
 def encoder_options(recipe, method: str | None):
     """The options block whose encoder settings to embed with: `method`'s, else the recipe's
     method's when it has an encoder, else mates'."""
-    from schemas.recipe import _method_options  # the per-method block resolution of the recipe
     import dataclasses
+
+    from schemas.recipe import options_for
 
     name = method or (recipe.stages.method if hasattr(recipe.method_options, "encoder_layers") else "mates")
     if name not in METHOD_OPTIONS or "encoder_layers" not in {f.name for f in dataclasses.fields(METHOD_OPTIONS[name])}:
         raise MatesError(f"`--method` must be a method with an encoder (mates, group_mates); got {name!r}.")
-    return _method_options(dataclasses.replace(recipe.stages, method=name))
+    return options_for(recipe.stages, name)
+
+
+def ids_to_embed(recipe, pool_size: int, *, touched: bool = False, limit: int | None = None) -> np.ndarray:
+    """Every sample id, or (`touched`) the candidates of the recipe's curated stages (k >= 1: what
+    a run of it embeds); the first `limit` of them if given."""
+    from curation.stage_job import candidate_pools
+
+    if touched:
+        st = recipe.stages
+        pools = candidate_pools(pool_size, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
+        ids = np.sort(np.concatenate(pools[1:] or [np.zeros(0, np.int64)]))
+    else:
+        ids = np.arange(pool_size, dtype=np.int64)
+    if limit is not None:
+        if limit < 1:
+            raise MatesError(f"`--limit` must be >= 1; got {limit}.")
+        ids = ids[:limit]
+    return ids
 
 
 def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limit: int | None = None,
@@ -32,23 +51,13 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.embeddings import PART_SIZE, EmbeddingSettings, EmbeddingStore
     from curation.pool import MDSFolder
-    from curation.stage_job import candidate_pools
     from schemas.storage import join
     from training import dist_utils
 
     dist_utils.init(recipe.device)
     opts = encoder_options(recipe, method)
-    n = int(read_pool_marker(recipe.data)["summary"]["sequences"])
-    if touched:  # what a run of this recipe will embed: its curated stages' candidates
-        st = recipe.stages
-        pools = candidate_pools(n, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
-        ids = np.sort(np.concatenate(pools[1:] or [np.zeros(0, np.int64)]))
-    else:
-        ids = np.arange(n, dtype=np.int64)
-    if limit is not None:
-        if limit < 1:
-            raise MatesError(f"`--limit` must be >= 1; got {limit}.")
-        ids = ids[:limit]
+    ids = ids_to_embed(recipe, int(read_pool_marker(recipe.data)["summary"]["sequences"]),
+                       touched=touched, limit=limit)
     settings = EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype)
     store = EmbeddingStore(recipe.data, settings, part_size=part_size or PART_SIZE)
     rank, world = dist_utils.rank(), dist_utils.world_size()

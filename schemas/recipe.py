@@ -299,6 +299,12 @@ def _method_options(st: StagesConfig):
     return build(METHOD_OPTIONS[st.method], blocks, "stages.options")
 
 
+def options_for(st: StagesConfig, method: str):
+    """The validated options block of `method` in `st` (e.g. mates' encoder settings in a recipe
+    whose `stages.method` is another method)."""
+    return _method_options(dataclasses.replace(st, method=method))
+
+
 def _validate(recipe: Recipe) -> Recipe:
     st, m = recipe.stages, recipe.model
     _require(st.count >= 1, "stages.count", ">= 1", st.count)
