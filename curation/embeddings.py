@@ -95,6 +95,7 @@ class EmbeddingStore:
         self._ids = np.zeros(0, np.int64)                      # [M] sorted, unique
         self._emb = np.zeros((0, 0), np.float32)               # [M, D]
         self._parts_read: set[str] = set()
+        self._encoder = None                                   # built on the first missing id
 
     # -- the stamp ------------------------------------------------------------------------
     def _pool_id(self) -> str:
@@ -205,10 +206,12 @@ class EmbeddingStore:
         if len(mine) == 0:
             return stats
         started = time.perf_counter()
-        if encoder is None:
+        encoder = encoder or self._encoder
+        if encoder is None:  # built once per store object: loading MiniLM costs seconds
             from curation.influence_model import InfluenceModel
 
             encoder = InfluenceModel(layers_kept=self.settings.layers_kept, max_len=self.settings.max_len)
+        self._encoder = encoder
         if (encoder.layers_kept, encoder.max_len) != (self.settings.layers_kept, self.settings.max_len):
             raise MatesError(f"`encoder` keeps {encoder.layers_kept} layers at max_len {encoder.max_len}; "
                              f"the store `{self.url}` is for {self.settings.layers_kept} at {self.settings.max_len}.")

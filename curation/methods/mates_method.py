@@ -108,7 +108,7 @@ class MatesMethod(CurationMethod):
         """Pooled embeddings [N, D] of `ids` from the store, the missing ones computed first."""
         store = self.embedding_store(ctx)
         stats = store.ensure(ids, pool=pool, pool_tokenizer=tokenizer, batch_size=ctx.options.batch_size * 4,
-                             device=ctx.device, encoder=getattr(self, "_encoder", None))
+                             device=ctx.device)
         for key in ("computed", "reused"):
             ctx.metrics[f"curation/embed/{key}"] = ctx.metrics.get(f"curation/embed/{key}", 0) + stats[key]
         ctx.timings["embed"] = ctx.timings.get("embed", 0.0) + stats["seconds"]  # new ones only
