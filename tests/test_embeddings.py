@@ -80,6 +80,7 @@ def test_a_second_pass_computes_nothing_new_over_s3(s3_pool, encoder):
     assert np.array_equal(EmbeddingStore(s3_pool, SETTINGS).stored_ids(), np.arange(60))
 
 
+@pytest.mark.slow
 def test_killed_pass_resumes_without_recomputing_finished_parts(local_pool, tmp_path, encoder):
     """`mates embed` SIGKILLed after its first part; the next pass computes only the rest."""
     import shutil
@@ -157,3 +158,26 @@ def test_touched_ids_are_the_curated_stages_candidates():
     assert np.array_equal(ids_to_embed(recipe, 5000, limit=7), np.arange(7))
     with pytest.raises(MatesError, match="`--limit` must be >= 1"):
         ids_to_embed(recipe, 5000, limit=0)
+
+
+@pytest.mark.slow
+def test_two_process_launcher_embeds_data_parallel(local_pool, tmp_path, encoder):
+    """`composer -n 2 -m jobs.cli embed`: each rank embeds its half of the ids, in its own parts."""
+    import shutil
+
+    from tests.conftest import free_port
+
+    data = str(tmp_path / "data")
+    shutil.copytree(local_pool, data, ignore=shutil.ignore_patterns("embeddings"))
+    composer = os.path.join(os.path.dirname(sys.executable), "composer")
+    result = subprocess.run([composer, "-n", "2", "--master_port", str(free_port()), "-m", "jobs.cli", "embed",
+                             "--recipe", "micro", "--data", data, "--set", "stages.method=mates", "--set",
+                             "stages.options={encoder_layers: 1, encoder_max_len: 32}", "--limit", "40",
+                             "--part-size", "16"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=os.environ.copy())
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    store = EmbeddingStore(data, SETTINGS)
+    # rank 0 owns ids 0..19, rank 1 ids 20..39: two parts each (16 + 4), none spanning both halves
+    firsts = sorted(int(p.split("-")[1]) for p in store.parts())
+    assert firsts == [0, 16, 20, 36]
+    assert np.abs(store.load(np.arange(40)) - _direct(data, np.arange(40), encoder)).max() < 1e-5
