@@ -99,7 +99,10 @@ class EmbeddingStore:
 
     # -- the stamp ------------------------------------------------------------------------
     def _pool_id(self) -> str:
-        return hashlib.sha1(store_for(join(self.data_url, "pool")).read_bytes("index.json")).hexdigest()
+        if getattr(self, "_pool_sha1", None) is None:  # read once per store object
+            index = store_for(join(self.data_url, "pool")).read_bytes("index.json")
+            self._pool_sha1 = hashlib.sha1(index).hexdigest()
+        return self._pool_sha1
 
     def _expected(self, dim: int) -> dict:
         s = self.settings

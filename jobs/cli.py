@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="read-only DuckDB SQL over a run's tables (committed stages only)")
     p.add_argument("run", help="run URL (local folder or s3://)")
-    p.add_argument("sql", help="one SQL statement; views: samples, probes, trajectories, scores, "
+    p.add_argument("sql", help="one SQL statement; views: samples, embeddings, probes, trajectories, scores, "
                                "selection, stages, metrics")
     p.add_argument("--data", help="pool URL (default: the run recipe's `data`)")
     fmt = p.add_mutually_exclusive_group()

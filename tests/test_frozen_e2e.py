@@ -93,3 +93,16 @@ def test_report_plots_curation_costs(mates_frozen, group_frozen, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert _assert_valid_pngs(str(tmp_path / "report" / "index.html"))[-1] == "costs.png"
     assert "curation / training" in (tmp_path / "report" / "index.html").read_text()
+
+
+def test_query_reads_the_embedding_store_and_the_phase_costs(mates_frozen, group_frozen):
+    run, _, marker = mates_frozen
+    sql = ("SELECT count(DISTINCT sample_id) AS n, min(len(embedding)) AS dim FROM embeddings "
+           "WHERE encoder = 'all-MiniLM-L6-v2-L1-len64-fp32'")
+    result = mates("query", run, sql, "--csv", "-")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[1] == "400,384"   # stage 1's candidates, once each
+    result = mates("query", run, "SELECT seconds_embed, seconds_probe FROM stages WHERE stage = 1", "--csv", "-")
+    assert result.returncode == 0, result.stderr[-2000:]
+    embed, probe = (float(x) for x in result.stdout.strip().splitlines()[1].split(","))
+    assert abs(embed - marker["seconds_embed"]) < 1e-6 and abs(probe - marker["seconds_probe"]) < 1e-6
