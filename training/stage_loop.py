@@ -124,7 +124,8 @@ class RunContext:
     def stage_context(self, stage: int) -> StageContext:
         r = self.recipe
         state_url = join(r.checkpoint_url, state_name(stage - 1)) if stage > 0 else None
-        return StageContext(train_seconds_expected=self.expected_train_seconds(stage),run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
+        return StageContext(run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
+                            train_seconds_expected=self.expected_train_seconds(stage),
                             n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio if stage > 0
                                                else r.stages.warmup_ratio),
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
