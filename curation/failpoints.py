@@ -4,7 +4,9 @@
 `failpoint(name)`. Unset (always, outside tests), a failpoint costs one dictionary lookup.
 Names: `train` (during stage training), `probe`, `fit`, `score` (after each MATES phase),
 `index` (after the first bucket of a stage index is uploaded), `commit` (index written, before
-`_SUCCESS`).
+`_SUCCESS`): the phases tests/test_kills.py kills a `mates` boundary at, in order.
+`embed` (after each part an embedding pass writes, curation/embeddings.py) is not in `NAMES`: only
+passes that compute new embeddings reach it.
 """
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -34,10 +35,17 @@ def stage_committed(run_url: str, stage: int) -> bool:
 
 
 def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage: int, method: str,
-                      extra: dict | None = None) -> list[streams.StreamEntry]:
-    """Materialise the selected samples as bucket streams and commit the stage (see above)."""
+                      extra: dict | None = None, started: float | None = None,
+                      train_seconds_expected: float | None = None) -> list[streams.StreamEntry]:
+    """Materialise the selected samples as bucket streams and commit the stage (see above).
+
+    The marker gets `seconds_index` (this writer's time) and, given `started` (the job's
+    `time.perf_counter()` at its start), `curation_seconds` up to the marker; given the stage's
+    expected training seconds too, `curation_share_of_training` = curation / training.
+    """
     from streaming import MDSWriter
 
+    index_started = time.perf_counter()
     selection = tables.conform(selection, tables.SELECTION)
     chosen = selection.filter(selection.column("selected"))
     if chosen.num_rows == 0:
@@ -72,7 +80,13 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
     write_parquet(selection, url, "selection.parquet")
     failpoint("commit")
     marker = {"format": "mates-stage", "version": 1, "stage": stage, "method": method,
-              "selected": int(chosen.num_rows), "candidates": int(selection.num_rows), **(extra or {})}
+              "selected": int(chosen.num_rows), "candidates": int(selection.num_rows), **(extra or {}),
+              "seconds_index": time.perf_counter() - index_started}
+    if started is not None:
+        marker["curation_seconds"] = time.perf_counter() - started
+        if train_seconds_expected:
+            marker["train_seconds_expected"] = float(train_seconds_expected)
+            marker["curation_share_of_training"] = marker["curation_seconds"] / float(train_seconds_expected)
     store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
     return entries
 

@@ -1,7 +1,9 @@
 """Read-only DuckDB views over every table of a run (and its pool's sample catalog).
 
-Views: `samples` (the catalog), `metrics` (stage x eval set), and across committed stages `probes`,
-`trajectories`, `scores`, `selection`, `audit` (preferences per catalog group), `stages` (one row per committed stage, from its `_SUCCESS` marker). A stage
+Views: `samples` (the catalog), `embeddings` (the pool's stored encoder embeddings, with the
+store's key as `encoder`), `metrics` (stage x eval set), and across committed stages `probes`,
+`trajectories`, `scores`, `selection`, `audit` (preferences per catalog group), `stages` (one row
+per committed stage, from its `_SUCCESS` marker). A stage
 without `_SUCCESS` does not exist here either.
 
 Read-only by construction: the run and data roots are mounted through fsspec filesystems that
@@ -82,6 +84,13 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
             con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
     if store_for(data_url).exists("catalog", "samples.parquet"):
         con.execute("CREATE VIEW samples AS SELECT * FROM read_parquet('matesdata://catalog/samples.parquet')")
+    data_store = store_for(data_url)
+    stores = [k for k in data_store.listdir("embeddings") if data_store.exists("embeddings", k, "embeddings.json")
+              and any(p.startswith("part-") for p in data_store.listdir("embeddings", k))]
+    if stores:  # the pool's embedding stores (curation/embeddings.py), one `encoder` key each
+        con.execute("CREATE VIEW embeddings AS " + " UNION ALL BY NAME ".join(
+            f"SELECT '{k}' AS encoder, * FROM read_parquet('matesdata://embeddings/{k}/part-*.parquet')"
+            for k in stores))
     if run_store.exists("metrics.parquet"):
         con.execute("CREATE VIEW metrics AS SELECT * FROM read_parquet('matesrun://metrics.parquet')")
     markers = [json.loads(run_store.read_bytes("stages", str(s), "_SUCCESS")) for s in stages]
@@ -95,7 +104,8 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
 def _markers_table(markers: list[dict]):
     import pyarrow as pa
 
-    keys = ["stage", "method", "selected", "candidates", "curation_seconds"]
+    keys = ["stage", "method", "selected", "candidates", "curation_seconds", "curation_share_of_training",
+            *(f"seconds_{p}" for p in ("probe", "embed", "fit", "score", "cluster", "select", "index"))]
     return pa.table({k: [m.get(k) for m in markers] for k in keys}) if markers else \
         pa.table({"stage": pa.array([], pa.int64()), "method": pa.array([], pa.string())})
 

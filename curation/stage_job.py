@@ -119,7 +119,10 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     else:
         pred = method.predict(ctx)
     pred = _check_predictions(pred, len(ctx.candidates), method_name)
+    t0 = time.perf_counter()
     selection = method.select(ctx, pred)
+    if "select" not in ctx.timings:  # a method that clusters times its own phases
+        ctx.timings["select"] = time.perf_counter() - t0
     write_audit(ctx, method, pred, selection)
     clusters = getattr(method, "clusters", None)
     order = ranks(pred)
@@ -129,9 +132,10 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
         part = _scores_table(ctx.candidates[lo:hi], pred[lo:hi],
                              None if clusters is None else clusters[lo:hi], order[lo:hi])
         write_parquet(part, url, "scores", _part_name(r))
-    seconds = time.perf_counter() - started
-    extra = {"curation_seconds": seconds, "target": ctx.target, "score_parts": world_size if method.parallel_scoring else 1,
+    extra = {"target": ctx.target, "score_parts": world_size if method.parallel_scoring else 1,
              **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics}
+    # write_stage_index adds seconds_index and the totals (curation_seconds, the share of training)
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
-                      stage=ctx.stage, method=method_name, extra=extra)
+                      stage=ctx.stage, method=method_name, extra=extra, started=started,
+                      train_seconds_expected=ctx.train_seconds_expected)
     return {"skipped": False, "seconds": time.perf_counter() - started}

@@ -52,6 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--until-stage", type=int, default=None, metavar="K",
                    help="train stages 0..K only (a later `mates run` goes on from there)")
 
+    p = sub.add_parser("embed", help="embed a pool with the frozen encoder ahead of time (backbone: frozen)")
+    p.add_argument("--recipe", required=True, help="recipe whose encoder settings to use (name or YAML)")
+    p.add_argument("--data", help="pool URL (default: the recipe's `data`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--method", default=None, help="options block to take encoder settings from "
+                                                  "(default: the recipe's method, else mates)")
+    p.add_argument("--touched", action="store_true", help="only the candidates of the recipe's curated stages")
+    p.add_argument("--limit", type=int, default=None, help="only the first N of those sample ids")
+    p.add_argument("--part-size", type=int, default=None, help="samples per stored part (default 2048)")
+
     p = sub.add_parser("curate", help="run one stage boundary's curation job on its own")
     p.add_argument("--run", required=True, help="run URL (holds recipe.yaml)")
     p.add_argument("--stage", type=int, required=True)
@@ -70,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="read-only DuckDB SQL over a run's tables (committed stages only)")
     p.add_argument("run", help="run URL (local folder or s3://)")
-    p.add_argument("sql", help="one SQL statement; views: samples, probes, trajectories, scores, "
+    p.add_argument("sql", help="one SQL statement; views: samples, embeddings, probes, trajectories, scores, "
                                "selection, audit, stages, metrics")
     p.add_argument("--data", help="pool URL (default: the run recipe's `data`)")
     fmt = p.add_mutually_exclusive_group()
@@ -95,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
-    p.add_argument("what", choices=["ingest", "train", "probe", "score", "select"])
+    p.add_argument("what", choices=["ingest", "train", "probe", "score", "select", "backbones"])
     p.add_argument("--recipe", default="demo")
+    p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
+    p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     return parser
 

@@ -127,6 +127,18 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from jobs.embed import embed_pool
+
+    overrides = dict(args.set)
+    if args.data:
+        overrides["data"] = args.data
+    result = embed_pool(load(args.recipe, overrides), method=args.method, touched=args.touched,
+                        limit=args.limit, part_size=args.part_size, log=log)
+    print(json.dumps(result))
+    return 0
+
+
 def cmd_curate(args) -> int:
     from training.stage_loop import curate_stage
 
@@ -241,6 +253,13 @@ def cmd_query(args) -> int:
 def cmd_bench(args) -> int:
     from jobs import bench
 
+    if args.what == "backbones":
+        from jobs.bench_backbones import bench_backbones
+
+        if not args.run:
+            raise MatesError("`--run` is required for `mates bench backbones`.")
+        print(json.dumps(bench_backbones(args.run, args.stage, log=log), indent=2))
+        return 0
     result = getattr(bench, f"bench_{args.what}")(load(args.recipe), out=args.out, log=log)
     print(json.dumps(result, indent=2))
     return 0

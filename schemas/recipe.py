@@ -111,6 +111,13 @@ class MatesOptions:
     batch_size: int = 16
     warm_start: bool = True
     freeze_word_embeddings: bool = True  # keep MiniLM's 30522x384 token table fixed (see fit)
+    # finetune: the papers' (encoder fine-tuned, pool re-encoded at every boundary); frozen: a
+    # linear head on the pool's stored embeddings (curation/embeddings.py, curation/frozen_head.py)
+    backbone: Literal["finetune", "frozen"] = "finetune"
+    head_epochs: int = 100            # frozen: epochs of the linear head (cheap: no encoder pass)
+    head_lr: float = 1e-3             # frozen: AdamW lr of the linear head
+    head_batch_size: int = 64         # frozen: examples per head step
+    embedding_dtype: Literal["float32", "float16"] = "float32"  # frozen: stored embedding floats
 
 
 @dataclass(kw_only=True)
@@ -297,6 +304,10 @@ def method_options_key(st: StagesConfig) -> str:
     """The dotted key the user wrote the chosen method's options under (for error messages)."""
     per_method = bool(st.options) and all(k in METHOD_OPTIONS for k in st.options)
     return f"stages.options.{st.method}" if per_method else "stages.options"
+def options_for(st: StagesConfig, method: str):
+    """The validated options block of `method` in `st` (e.g. mates' encoder settings in a recipe
+    whose `stages.method` is another method)."""
+    return _method_options(dataclasses.replace(st, method=method))
 
 
 def _validate(recipe: Recipe) -> Recipe:
@@ -323,6 +334,11 @@ def _validate(recipe: Recipe) -> Recipe:
         _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
         _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
+        _require(2 <= opts.encoder_max_len <= 512, f"{where}.encoder_max_len", "in [2, 512]",
+                 opts.encoder_max_len)
+        _require(opts.head_epochs >= 1, f"{where}.head_epochs", ">= 1", opts.head_epochs)
+        _require(opts.head_lr > 0, f"{where}.head_lr", "> 0", opts.head_lr)
+        _require(opts.head_batch_size >= 1, f"{where}.head_batch_size", ">= 1", opts.head_batch_size)
     for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target"):
         if hasattr(opts, key):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))

@@ -101,6 +101,21 @@ COMPARISON_RUNS = _schema("comparison_runs", [
     pa.field("train_seconds", pa.float64(), nullable=False),     # all stages
 ])
 
+# <data>/embeddings/<encoder-key>/part-*.parquet: the frozen encoder's pooled state per sample
+# (curation/embeddings.py). The width and float type are settings of the store (stamped in its
+# embeddings.json), so the schema is built per store; EMBEDDINGS is MiniLM's 384 x float32.
+def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    value = {"float32": pa.float32(), "float16": pa.float16()}.get(dtype)
+    if value is None:
+        raise MatesError(f"`embeddings dtype` must be float32 or float16; got {dtype!r}.")
+    return _schema("embeddings", [
+        pa.field("sample_id", pa.int64(), nullable=False),
+        pa.field("embedding", pa.list_(pa.field("item", value, nullable=False), int(dim)), nullable=False),
+    ])
+
+
+EMBEDDINGS = embeddings_schema(384)
+
 # <data>/targets/<name>.parquet and <data>/eval/<name>.parquet: tokenized sets (curation/data/sets.py).
 REFERENCE = _schema("reference", [
     pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
@@ -108,7 +123,7 @@ REFERENCE = _schema("reference", [
 ])
 
 ALL = {s.metadata[b"mates.table"].decode(): s
-       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, AUDIT, REFERENCE, COMPARISON_RUNS)}
+       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, AUDIT, REFERENCE, COMPARISON_RUNS, EMBEDDINGS)}
 
 
 def metrics_by_stage(rows: list[dict]) -> list[dict]:

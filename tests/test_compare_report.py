@@ -157,7 +157,7 @@ def test_report_of_a_comparison(comparison, tmp_path):
     result = mates("report", out, "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-2000:]
     images = _assert_valid_pngs(str(tmp_path / "report" / "index.html"))
-    assert images == ["loss.png", "sources.png", "audit.png"]  # no probes, no clusters among these methods
+    assert images == ["loss.png", "sources.png", "audit.png", "costs.png"]  # no probes, no clusters among these
     assert "<table>" in open(tmp_path / "report" / "index.html").read()
 
 

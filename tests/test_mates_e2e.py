@@ -170,8 +170,9 @@ def test_report_of_runs_over_s3_plots_influence_and_clusters(mates_run, group_ru
     """`mates report RUN` on s3:// runs: the influence scatter (mates) and clusters (group_mates)."""
     from tests.test_compare_report import _assert_valid_pngs
 
-    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "audit.png", "influence.png"]),
-                               (group_run, ["loss.png", "sources.png", "audit.png", "influence.png", "clusters.png"])):
+    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "audit.png", "influence.png", "costs.png"]),
+                               (group_run, ["loss.png", "sources.png", "audit.png", "influence.png", "clusters.png",
+                                            "costs.png"])):
         out = tmp_path / run.split("/")[2]
         result = mates("report", run, "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]

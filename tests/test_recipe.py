@@ -110,3 +110,15 @@ def test_per_method_option_blocks():
 def test_warmup_ratio_checked():
     assert "`stages.warmup_ratio`" in error_of({"stages": {"warmup_ratio": 0}})
     assert recipe_from_dict(BASE).stages.warmup_ratio == 1.0
+
+
+def test_backbone_option_of_mates_and_group_mates():
+    for method in ("mates", "group_mates"):
+        stages = {"method": method, "options": {method: {"backbone": "frozen"}}}
+        opts = recipe_from_dict({**BASE, "stages": stages}).method_options
+        assert (opts.backbone, opts.head_epochs, opts.embedding_dtype) == ("frozen", 100, "float32")
+        stages["options"][method]["backbone"] = "frozn"
+        assert error_of({"stages": stages}) == (f"`stages.options.{method}.backbone` must be one of "
+                                                f"'finetune', 'frozen'; got 'frozn'.")
+    assert recipe_from_dict({**BASE, "stages": {"method": "mates"}}).method_options.backbone == "finetune"
+    assert "`stages.options.head_epochs`" in error_of({"stages": {"method": "mates", "options": {"head_epochs": 0}}})

@@ -10,7 +10,9 @@ Plots (each a PNG next to index.html, which holds no script and loads nothing fr
                    (mates / group_mates; the probes are the influence model's fitting data, 90% of
                    them its training split, so this shows fit, the held-out Spearman is in the title);
   - clusters.png   Group-MATES: candidates and selected samples per cluster, with each cluster's
-                   stream proportion.
+                   stream proportion;
+  - costs.png      curation seconds per phase (stacked, from each stage's `_SUCCESS`) next to the
+                   stage's training seconds, per method (first seed) and curated stage.
 """
 from __future__ import annotations
 
@@ -274,6 +276,46 @@ def plot_clusters(runs: list[RunView], path: str) -> bool:
     return True
 
 
+PHASE_COLORS = {"probe": "#1b9e77", "embed": "#d95f02", "fit": "#7570b3", "score": "#e7298a",
+                "cluster": "#66a61e", "select": "#e6ab02", "index": "#a6761d", "other": "#999999"}
+
+
+def plot_costs(runs: list[RunView], path: str) -> bool:
+    """Per (method, curated stage): stacked curation seconds per phase, and training seconds."""
+    from schemas.costs import PHASES, stage_costs
+
+    bars = []
+    for r in list({r.method: r for r in reversed(runs)}.values())[::-1]:
+        train = {m["stage"]: m["train_seconds"] for m in r.metrics}
+        for k, st in sorted(r.stages.items()):
+            if k >= 1:
+                bars.append((f"{r.method}\nstage {k}", stage_costs(st["marker"]), train.get(k, 0.0)))
+    if not bars:
+        return False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(bars) + 2.5), 4.2))
+    x = np.arange(len(bars))
+    bottom = np.zeros(len(bars))
+    for phase in PHASES:
+        seconds = np.array([c[phase] for _, c, _ in bars])
+        ax.bar(x - 0.2, seconds, width=0.38, bottom=bottom, color=PHASE_COLORS[phase], label=phase)
+        bottom += seconds
+    ax.bar(x + 0.2, [t for _, _, t in bars], width=0.38, color="white", edgecolor="#333", hatch="//",
+           label="training")
+    for i, (_, c, t) in enumerate(bars):
+        if t > 0:
+            ax.text(i - 0.2, bottom[i], f"{c['total'] / t:.2f}x", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [label for label, _, _ in bars], fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("Curation per phase (left, share of training on top) vs the stage's training (right)", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------- the page
 def _markdown_table_html(text: str) -> str:
     rows = [line for line in text.splitlines() if line.startswith("|") and "---" not in line]
@@ -295,6 +337,11 @@ figcaption{{color:#555;font-size:90%}}</style></head>
 """
 
 
+def _share(metrics_row: dict) -> str:
+    train = metrics_row["train_seconds"]
+    return f"{metrics_row['curation_seconds'] / train:.2f}x" if train > 0 else "-"
+
+
 def _runs_of(source: str) -> tuple[list[RunView], str, str]:
     """(runs, title, intro HTML) of a compare folder or of one run."""
     store = store_for(source)
@@ -313,10 +360,12 @@ def _runs_of(source: str) -> tuple[list[RunView], str, str]:
     names = list(run.kinds)
     rows = "".join(f"<tr><td>{m['stage']}</td><td>{m['tokens_seen']:,}</td>"
                    + "".join(f"<td>{m['loss'].get(n, float('nan')):.4f}</td>" for n in names)
-                   + f"<td>{m['curation_seconds']:.1f}</td></tr>" for m in run.metrics)
+                   + f"<td>{m['curation_seconds']:.1f}</td><td>{m['train_seconds']:.1f}</td><td>{_share(m)}</td></tr>"
+                   for m in run.metrics)
     heads = "".join(f"<th>{html.escape(n)} ({run.kinds[n]})</th>" for n in names)
     intro = (f"<p>Run <code>{html.escape(source)}</code>, method <b>{html.escape(run.method)}</b>, seed {run.seed}.</p>"
-             f"<table><tr><th>stage</th><th>tokens</th>{heads}<th>curation s</th></tr>{rows}</table>")
+             f"<table><tr><th>stage</th><th>tokens</th>{heads}<th>curation s</th><th>training s</th>"
+             f"<th>curation / training</th></tr>{rows}</table>")
     return [run], f"mates run: {run.method}", intro
 
 
@@ -339,6 +388,8 @@ def write_report(source: str, out: str | None = None, log=print) -> str:
     figures.append(("influence.png", "Predicted vs oracle influence of the probed candidates.", plot_influence))
     figures.append(("clusters.png", "Group-MATES clusters: candidates, selected samples and stream proportion.",
                     plot_clusters))
+    figures.append(("costs.png", "Curation seconds per phase at each boundary (embed: new embeddings only) "
+                    "next to the stage's training seconds.", plot_costs))
     body = [intro]
     for name, caption, plot in figures:
         path = os.path.join(out, name)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import tempfile
 import time
@@ -122,11 +123,21 @@ class RunContext:
         r = self.recipe
         return load_eval_sets(r.data, self.pool_marker, pad_id=self.eos_id, batch_size=r.eval.batch_size,
                               max_examples=r.eval.max_examples, device=self.device)
+    def expected_train_seconds(self, stage: int) -> float | None:
+        """Stage `stage`'s training seconds as the previous stage's rate predicts them (None: unknown)."""
+        if stage < 1 or not self.run_store.exists("metrics.parquet"):
+            return None
+        rows = {r["stage"]: r for r in read_parquet(self.recipe.run, "metrics.parquet").to_pylist()}
+        prev = rows.get(stage - 1)
+        if prev is None or prev["train_seconds"] <= 0:
+            return None
+        return prev["train_seconds"] / self.recipe.stage_batches[stage - 1] * self.recipe.stage_batches[stage]
 
     def stage_context(self, stage: int) -> StageContext:
         r = self.recipe
         state_url = join(r.checkpoint_url, state_name(stage - 1)) if stage > 0 else None
         return StageContext(run_url=r.run, data_url=r.data, stage=stage, candidates=self.pools[stage],
+                            train_seconds_expected=self.expected_train_seconds(stage),
                             n_select=n_selected(len(self.pools[stage]), r.stages.selection_ratio if stage > 0
                                                else r.stages.warmup_ratio),
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
@@ -270,6 +281,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
         dist_utils.barrier()
     if rank == 0:
         log(metrics_table(recipe.run))
+        log(costs_table(recipe.run))
 
 
 def metrics_table(run_url: str) -> str:
@@ -280,12 +292,34 @@ def metrics_table(run_url: str) -> str:
     labels = [n + ("*" if kinds[n] == "cloze" else "") for n in names]
     width = max([10] + [len(label) for label in labels])
     head = f"{'stage':>5} {'batches':>8} {'tokens':>10} " + " ".join(f"{n:>{width}}" for n in labels) + \
-        f" {'tok/s':>8} {'curate s':>8}"
+        f" {'tok/s':>8} {'curate s':>8} {'train s':>8} {'share':>6}"
     lines = ["eval loss per set (* = cloze: the target word only)", head]
     for st in tables.metrics_by_stage(rows):
         cells = " ".join(f"{st['loss'].get(n, float('nan')):>{width}.4f}" for n in names)
         lines.append(f"{st['stage']:>5} {st['batches_seen']:>8} {st['tokens_seen']:>10} {cells} "
-                     f"{st['train_tokens_per_s']:>8.0f} {st['curation_seconds']:>8.1f}")
+                     f"{st['train_tokens_per_s']:>8.0f} {st['curation_seconds']:>8.1f} {st['train_seconds']:>8.1f} "
+                     f"{_share(st['curation_seconds'], st['train_seconds']):>6}")
+    return "\n".join(lines)
+
+
+def _share(curation: float, train: float) -> str:
+    return f"{curation / train:.2f}x" if train > 0 else "-"
+
+
+def costs_table(run_url: str) -> str:
+    """Curation seconds per phase per committed stage (from each `_SUCCESS`), next to training."""
+    from curation.run_views import committed_stages
+    from schemas.costs import PHASES, stage_costs
+
+    train = {r["stage"]: r["train_seconds"] for r in read_parquet(run_url, "metrics.parquet").to_pylist()} \
+        if store_for(run_url).exists("metrics.parquet") else {}
+    head = f"{'stage':>5} " + " ".join(f"{p:>8}" for p in PHASES) + f" {'curation':>8} {'train s':>8} {'share':>6}"
+    lines = ["curation seconds per phase (embed: new embeddings only; other: the rest of the job)", head]
+    for k in committed_stages(run_url):
+        costs = stage_costs(json.loads(store_for(stage_url(run_url, k)).read_bytes("_SUCCESS")))
+        t = train.get(k, 0.0)
+        lines.append(f"{k:>5} " + " ".join(f"{costs[p]:>8.2f}" for p in PHASES) +
+                     f" {costs['total']:>8.2f} {t:>8.1f} {_share(costs['total'], t):>6}")
     return "\n".join(lines)
 
 

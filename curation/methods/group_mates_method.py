@@ -3,7 +3,8 @@
 
 At a stage boundary:
   1. MATES first: one-step oracle probes and the MiniLM influence model, whose pooled,
-     L2-normalised state is the embedding h(x);
+     L2-normalised state is the embedding h(x) (`backbone: frozen`: the frozen encoder's stored
+     embeddings, normalised, and the linear head fitted on them, see mates_method.py);
   2. group oracle: random trajectories of T sequential one-step updates from the stage state,
      the target-loss increment after every step -> trajectories.parquet;
   3. relational model θ_t = s_t·α·(1 − Σ_{i<t} h_i·h_t / (β(t−1))), s = w·h + b, fitted to the
@@ -47,9 +48,20 @@ class GroupMatesMethod(MatesMethod):
                       "trajectories.parquet")
         return ids, increments
 
+    def unit_embeddings(self, ctx: StageContext, model, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
+        """h(x) [N, D] of `ids`: the L2-normalised pooled state of the frozen encoder from the store
+        (frozen), or of the fitted influence model's encoder (finetune)."""
+        from curation.scoring import score_samples
+
+        if self.frozen(ctx):
+            emb = self.stored_embeddings(ctx, pool, tokenizer, ids)
+            return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        _, emb = score_samples(model, pool, ids, tokenizer, batch_size=ctx.options.batch_size * 4,
+                               device=ctx.device, with_embeddings=True)
+        return np.asarray(emb)
+
     def predict(self, ctx: StageContext) -> np.ndarray:
         from curation.relational_model import fit_relational_model, head_from_influence_model
-        from curation.scoring import score_samples
 
         opts = ctx.options
         model, pool, tokenizer, pad_id = self.influence_model(ctx)
@@ -61,28 +73,29 @@ class GroupMatesMethod(MatesMethod):
                 f"{ctx.timings['group_oracle']:.1f} s")
 
         t0 = time.perf_counter()
+        embed_before = ctx.timings.get("embed", 0.0)
         unique, inverse = np.unique(traj_ids, return_inverse=True)
-        _, emb_unique = score_samples(model, pool, unique, tokenizer, batch_size=opts.batch_size * 4,
-                                      device=ctx.device, with_embeddings=True)
+        emb_unique = self.unit_embeddings(ctx, model, pool, tokenizer, unique)
         traj_emb = np.asarray(emb_unique)[inverse.reshape(traj_ids.shape)]          # [n, T, D]
+        # Both heads read the unnormalised pooled state (see head_from_influence_model).
+        init_head = model.folded() if self.frozen(ctx) else head_from_influence_model(model)
         relational, metrics = fit_relational_model(
             traj_emb, increments, epochs=opts.relational_epochs, lr=opts.relational_lr,
-            seed=ctx.seed + ctx.stage, init_head=head_from_influence_model(model), device=ctx.device,
-            log=lambda m: None)
+            seed=ctx.seed + ctx.stage, init_head=init_head, device=ctx.device, log=lambda m: None)
         relational.save(join(stage_url(ctx.run_url, ctx.stage), "relational_model"))
-        ctx.timings["relational_fit"] = time.perf_counter() - t0
+        ctx.timings["relational_fit"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         ctx.metrics.update({f"curation/relational/{k}": v for k, v in metrics.items()})
         ctx.log(f"  relational model: held-out Spearman {metrics['val_spearman']:.3f}, "
                 f"alpha {relational.alpha:.3f}, beta {relational.beta:.3f}")
 
         t0 = time.perf_counter()
-        _, emb = score_samples(model, pool, ctx.candidates, tokenizer, batch_size=opts.batch_size * 4,
-                               device=ctx.device, with_embeddings=True)
+        embed_before = ctx.timings.get("embed", 0.0)
+        emb = self.unit_embeddings(ctx, model, pool, tokenizer, ctx.candidates)
         self.embeddings = torch.as_tensor(np.asarray(emb), dtype=torch.float32)      # [N, D]
         with torch.no_grad():
             scores = relational.individual(self.embeddings.to(next(relational.parameters()).device))
         self.alpha, self.beta = relational.alpha, relational.beta
-        ctx.timings["score"] = time.perf_counter() - t0
+        ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         return scores.double().cpu().numpy()
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
@@ -95,6 +108,8 @@ class GroupMatesMethod(MatesMethod):
         k = max(1, min(opts.n_clusters, len(pred)))
         labels, _ = spherical_kmeans(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
         labels = labels.cpu().numpy().astype(np.int32)
+        ctx.timings["cluster"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         self.clusters = labels
         scores = pa.table({"sample_id": ctx.candidates.astype(np.int64), "prediction": pred,
                            "cluster": labels})
@@ -111,8 +126,9 @@ class GroupMatesMethod(MatesMethod):
                                          temperature=opts.quota_temperature)
         mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
                                   alpha=self.alpha, beta=self.beta)
-        ctx.timings["cluster_select"] = time.perf_counter() - t0
-        ctx.log(f"  clustered into {k}, selected {int(mask.sum())} by greedy group selection "
-                f"(quotas: {opts.quota_mode}) in {ctx.timings['cluster_select']:.1f} s")
         candidates = pa.table({"sample_id": ctx.candidates.astype(np.int64), "cluster": labels})
-        return metadata.selection_table(con, candidates, mask)
+        table = metadata.selection_table(con, candidates, mask)
+        ctx.timings["select"] = time.perf_counter() - t0
+        ctx.log(f"  clustered into {k} in {ctx.timings['cluster']:.1f} s, selected {int(mask.sum())} by "
+                f"greedy group selection (quotas: {opts.quota_mode}) in {ctx.timings['select']:.1f} s")
+        return table

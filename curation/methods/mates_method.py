@@ -7,6 +7,11 @@ At a stage boundary:
      by held-out Spearman, warm-started from the previous stage's model -> influence_model/;
   3. score: predict I(x) for every candidate of the stage's pool (the shared Gumbel-top-k
      selection in `CurationMethod.select` then keeps `n_select` of them).
+
+`backbone: frozen` replaces 2 and 3: the pool's stored encoder embeddings (curation/embeddings.py;
+the probed samples' and candidates' that are missing are computed and stored first, timed as
+`embed`) -> a linear head fitted on the probes' (curation/frozen_head.py) -> frozen_head/;
+scoring is one matrix product over the candidates' stored embeddings.
 """
 from __future__ import annotations
 
@@ -93,8 +98,53 @@ class MatesMethod(CurationMethod):
                 f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
         return model
 
+    # -- backbone: frozen ------------------------------------------------------------------
+    def embedding_store(self, ctx: StageContext):
+        from curation.embeddings import EmbeddingSettings, EmbeddingStore
+
+        if getattr(self, "_store", None) is None:
+            settings = EmbeddingSettings.from_options(ctx.options, dtype=ctx.options.embedding_dtype)
+            self._store = EmbeddingStore(ctx.data_url, settings)
+        return self._store
+
+    def stored_embeddings(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
+        """Pooled embeddings [N, D] of `ids` from the store, the missing ones computed first."""
+        store = self.embedding_store(ctx)
+        stats = store.ensure(ids, pool=pool, pool_tokenizer=tokenizer, batch_size=ctx.options.batch_size * 4,
+                             device=ctx.device)
+        for key in ("computed", "reused"):
+            ctx.metrics[f"curation/embed/{key}"] = ctx.metrics.get(f"curation/embed/{key}", 0) + stats[key]
+        ctx.timings["embed"] = ctx.timings.get("embed", 0.0) + stats["seconds"]  # new ones only
+        if stats["computed"]:
+            ctx.log(f"  embedded {stats['computed']} new samples into {store.url} in {stats['seconds']:.1f} s")
+        return store.load(ids)
+
+    def fit_frozen(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray, influence: np.ndarray):
+        """The linear head on the probes' stored embeddings, saved under the stage; returns it."""
+        from curation.frozen_head import fit_frozen_head
+
+        opts = ctx.options
+        t0 = time.perf_counter()
+        embed_before = ctx.timings.get("embed", 0.0)
+        emb = self.stored_embeddings(ctx, pool, tokenizer, ids)                              # [n, D]
+        head, metrics = fit_frozen_head(emb, influence, epochs=opts.head_epochs, lr=opts.head_lr,
+                                        batch_size=opts.head_batch_size, seed=ctx.seed + ctx.stage,
+                                        embeddings_key=self.embedding_store(ctx).settings.key,
+                                        log=lambda m: ctx.log(f"  {m}"))
+        head.save(join(stage_url(ctx.run_url, ctx.stage), "frozen_head"))
+        # reading the stored embeddings counts as fitting; computing new ones is `embed`
+        ctx.timings["fit"] = time.perf_counter() - t0 - (ctx.timings["embed"] - embed_before)
+        ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
+        ctx.log(f"  frozen head: held-out Spearman {metrics['val_spearman']:.3f} "
+                f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.2f} s")
+        return head
+
+    def frozen(self, ctx: StageContext) -> bool:
+        return getattr(ctx.options, "backbone", "finetune") == "frozen"
+
     def influence_model(self, ctx: StageContext):
-        """Steps 1 and 2: probe, then fit. Returns (model, pool, pool tokenizer, pad id)."""
+        """Steps 1 and 2: probe, then fit. Returns (model, pool, pool tokenizer, pad id); the model
+        is an `InfluenceModel` (finetune) or a `FrozenHead` (frozen)."""
         pool = MDSFolder(join(ctx.data_url, "pool"))
         tokenizer = load_pool_tokenizer(ctx.data_url)
         pad_id = tokenizer.token_to_id(EOS)
@@ -104,7 +154,11 @@ class MatesMethod(CurationMethod):
         failpoint("probe")
         ctx.log(f"  probed {len(ids)} candidates ({ctx.options.probe_method}): I(x) mean "
                 f"{influence.mean():+.5f} std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
-        model = self.fit(ctx, pool, tokenizer, ids, influence)
+        ctx.metrics["curation/influence/backbone"] = ctx.options.backbone
+        if self.frozen(ctx):
+            model = self.fit_frozen(ctx, pool, tokenizer, ids, influence)
+        else:
+            model = self.fit(ctx, pool, tokenizer, ids, influence)
         failpoint("fit")
         return model, pool, tokenizer, pad_id
 
@@ -120,6 +174,8 @@ class MatesMethod(CurationMethod):
         from curation.influence_model import InfluenceModel
         from curation.scoring import score_samples
 
+        if self.frozen(ctx):
+            return self.score_slice_frozen(ctx, sample_ids)
         if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
             self.model = InfluenceModel.from_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
             self.pool = MDSFolder(join(ctx.data_url, "pool"))
@@ -131,4 +187,22 @@ class MatesMethod(CurationMethod):
         failpoint("score")
         ctx.log(f"  scored {len(sample_ids)} candidates in {ctx.timings['score']:.1f} s "
                 f"({len(sample_ids) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
+        return np.asarray(pred, dtype=np.float64)
+
+    def score_slice_frozen(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """The head over the slice's stored embeddings (this rank embeds its slice's missing ones)."""
+        from curation.frozen_head import FrozenHead
+
+        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
+            self.model = FrozenHead.load(join(stage_url(ctx.run_url, ctx.stage), "frozen_head"))
+            self.pool = MDSFolder(join(ctx.data_url, "pool"))
+            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+        t0 = time.perf_counter()
+        embed_before = ctx.timings.get("embed", 0.0)
+        emb = self.stored_embeddings(ctx, self.pool, self.tokenizer, sample_ids)           # [N, D]
+        pred = self.model.predict(emb)                                                    # [N]
+        # reading the stored embeddings counts as scoring; computing new ones is `embed`
+        ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings["embed"] - embed_before)
+        failpoint("score")
+        ctx.log(f"  scored {len(sample_ids)} candidates from stored embeddings in {ctx.timings['score']:.3f} s")
         return np.asarray(pred, dtype=np.float64)
