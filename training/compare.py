@@ -36,7 +36,7 @@ from schemas.storage import join, read_parquet, store_for, write_parquet
 
 WARMUP = "warmup"
 # The model-aware methods cost the most: start them first so the slots stay full at the end.
-COST_ORDER = ["group_mates", "mates", "perplexity", "classifier", "dsir", "random"]
+COST_ORDER = ["group_mates", "mates", "perplexity", "classifier", "dsir", "random"]  # by method (an entry METHOD@BACKBONE ranks as METHOD)
 
 COMPARISON_METRICS = tables._schema("comparison_metrics", [
     pa.field("method", pa.string(), nullable=False), pa.field("seed", pa.int64(), nullable=False),
@@ -56,15 +56,34 @@ class RunSpec:
         return f"seed-{self.seed}-{self.method}"
 
 
+BACKBONE_ENTRIES = ("mates", "group_mates")  # the methods with an influence-model backbone
+
+
 def parse_methods(text: str) -> list[str]:
-    methods = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_OPTIONS]
-    if not methods or unknown:
-        raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(sorted(METHOD_OPTIONS))}; "
-                         f"got {text!r}.")
-    if len(set(methods)) != len(methods):
+    """Comparison entries: method names, and `METHOD@BACKBONE` (e.g. `mates@frozen`) for a
+    model-aware method with another `backbone` than the recipe's, as an entry of its own."""
+    entries = [m.strip() for m in text.split(",") if m.strip()]
+
+    def ok(entry: str) -> bool:
+        method, _, backbone = entry.partition("@")
+        return method in METHOD_OPTIONS and (not backbone or (method in BACKBONE_ENTRIES and
+                                                              backbone in ("finetune", "frozen")))
+    if not entries or not all(ok(e) for e in entries):
+        raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(sorted(METHOD_OPTIONS))}, "
+                         f"or mates@frozen / group_mates@frozen (a backbone); got {text!r}.")
+    if len(set(entries)) != len(entries):
         raise MatesError(f"`--methods` names a method twice: {text!r}.")
-    return methods
+    return entries
+
+
+def entry_overrides(entry: str, base: Recipe) -> dict:
+    """The recipe keys an entry sets: its method, and for `METHOD@BACKBONE` that method's backbone."""
+    method, _, backbone = entry.partition("@")
+    out = {"stages.method": "random" if entry == WARMUP else method}
+    if backbone:
+        per_method = bool(base.stages.options) and all(k in METHOD_OPTIONS for k in base.stages.options)
+        out[f"stages.options.{method}.backbone" if per_method else "stages.options.backbone"] = backbone
+    return out
 
 
 def plan(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, out: str) -> list[RunSpec]:
@@ -81,7 +100,7 @@ def plan(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, ou
         for method in [WARMUP] + methods:
             run = os.path.join(out, "runs", f"seed-{seed}", method)
             recipe = load_recipe(recipe_file, {**overrides, "seed": seed, "run": run, "save_folder": None,
-                                               "stages.method": "random" if method == WARMUP else method})
+                                               **entry_overrides(method, base)})
             label = f"seed-{seed}-{method}"
             specs.append(RunSpec(method, seed, recipe, os.path.join(out, "recipes", f"{label}.yaml"),
                                  os.path.join(out, "logs", f"{label}.log")))
@@ -161,7 +180,7 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
     warmups = {s.seed: s for s in specs if s.method == WARMUP}
     rank = {m: i for i, m in enumerate(COST_ORDER)}
     todo = sorted((s for s in specs if s.method != WARMUP and not finished(s.recipe)),
-                  key=lambda s: (rank.get(s.method, 0), s.seed))
+                  key=lambda s: (rank.get(s.method.partition("@")[0], 0), s.seed))
     total, done, started = len(todo), 0, time.perf_counter()
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running, ready = {}, set()

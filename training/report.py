@@ -350,7 +350,11 @@ def _runs_of(source: str) -> tuple[list[RunView], str, str]:
 
         doc = json.loads(store.read_bytes("comparison.json"))
         table = pq.read_table(os.path.join(source, "runs.parquet")).to_pylist()
-        runs = [load_run(row["run"]) for row in sorted(table, key=lambda r: (doc["methods"].index(r["method"]), r["seed"]))]
+        table = list({(r["method"], r["seed"]): r for r in table}.values())  # one row per run and eval set
+        runs = []
+        for row in sorted(table, key=lambda r: (doc["methods"].index(r["method"]), r["seed"])):
+            runs.append(load_run(row["run"]))
+            runs[-1].method = row["method"]  # the comparison's entry (e.g. mates@frozen), not only the method
         text = store.read_bytes("comparison.md").decode()
         verdicts = "".join(f"<li>{html.escape(v[2:])}</li>" for v in text.splitlines() if v.startswith("- "))
         intro = (f"<p>Command: <code>{html.escape(doc['command'])}</code></p>{_markdown_table_html(text)}"
