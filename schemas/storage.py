@@ -182,8 +182,18 @@ def store_for(url: str) -> Store:
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise MatesError(f"`url` scheme {scheme!r} is not supported; use a local directory or s3://.")
-    local = os.path.abspath(url)
+    # A bare relative name (`corpus.jsonl`, `data`) is a path under the current folder.
+    local = os.path.abspath(os.path.expanduser(url))
     return Store(url=local, fs=fsspec.filesystem("file"), root=local)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(folder URL, basename) of a file's URL; a bare name's folder is the current folder."""
+    resolved = store_for(url).url
+    parent, _, name = resolved.rpartition("/")
+    if not name or (resolved.startswith("s3://") and "/" not in resolved[len("s3://"):]):
+        raise MatesError(f"`url` {url!r} names a folder or bucket, not a file.")
+    return parent or "/", name
 
 
 def write_parquet(table, url: str, *parts: str) -> None:
