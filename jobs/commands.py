@@ -54,11 +54,15 @@ def print_ingest_summary(summary) -> None:
 
 
 def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, source="text", force=False):
+    """Ingest on every rank of the launcher (`composer -n N -m jobs.cli ingest ...`), or alone."""
     from tqdm import tqdm
 
     from curation.data.ingest import ingest
+    from training import dist_utils
 
-    bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty())
+    dist_utils.init(recipe.device)  # the ranks exchange small objects only (counts, indexes)
+    ranks = dist_utils.ranks()
+    bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty() or ranks.rank > 0)
 
     def progress(n_docs, summary):
         bar.update(n_docs)
@@ -66,10 +70,12 @@ def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, sou
 
     try:
         summary = ingest(input_url, data_url, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-                         reference_url=reference_url, default_source=source, force=force, progress=progress)
+                         reference_url=reference_url, default_source=source, force=force, progress=progress,
+                         ranks=ranks)
     finally:
         bar.close()
-    print_ingest_summary(summary)
+    if ranks.rank == 0:
+        print_ingest_summary(summary)
     return summary
 
 
