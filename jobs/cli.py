@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
-    p.add_argument("what", choices=["ingest", "train", "probe", "score", "select"])
+    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     return parser

@@ -62,6 +62,9 @@ def run_ingest(input_url: str, data_url: str, recipe, *, reference_url=None, sou
 
     dist_utils.init(recipe.device)  # the ranks exchange small objects only (counts, indexes)
     ranks = dist_utils.ranks()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1:  # the tokenizer's thread pool (rayon) takes every core in each rank otherwise
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
     bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty() or ranks.rank > 0)
 
     def progress(n_docs, summary):
@@ -158,7 +161,12 @@ def cmd_demo(args) -> int:
         run_ingest(os.path.join(corpus_dir, "corpus.jsonl"), data_url, recipe,
                    reference_url=os.path.join(corpus_dir, "reference"))
     run_recipe(recipe, log=log)
+    from training.report import write_report
+
+    page = write_report(run_url, os.path.join(out, "report"), log=lambda message: None)
     log(f"demo: finished in {time.perf_counter() - started:.0f} s; outputs under {out}")
+    log(f"demo: report of the run (plots of loss, source mix, influence): {page}")
+    log(f"demo: next, query it: mates query {run_url} \"SELECT * FROM metrics\"")
     return 0
 
 
@@ -203,6 +211,6 @@ def cmd_query(args) -> int:
 def cmd_bench(args) -> int:
     from jobs import bench
 
-    result = getattr(bench, f"bench_{args.what}")(load(args.recipe), out=args.out, log=log)
+    result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log)
     print(json.dumps(result, indent=2))
     return 0

@@ -13,6 +13,7 @@ slice lengths come from arithmetic, catalog columns are built as lists and writt
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import os
 import time
@@ -27,6 +28,7 @@ from schemas.errors import MatesError
 
 POOL_COLUMNS = {"tokens": "ndarray:uint16", "sample_id": "int64"}
 PREVIEW_CHARS = 160
+READ_SAMPLES = 1 << 16  # samples per block when phase 2 reads the scratch tokens back
 SCRATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("n_tokens", pa.int32()),
                             ("source", pa.string()), ("text_sha1", pa.string()), ("preview", pa.string())])
 
@@ -68,7 +70,7 @@ def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, def
     eos = tok.token_to_id("<|endoftext|>")
     paths = _part_paths(scratch, file_index)
     counts = FileCounts(file_index)
-    lengths: list[int] = []
+    lengths = array.array("i")  # 4 bytes per sample, not a Python int each
     seq_len, min_tokens = cfg.seq_len, cfg.min_tokens
     with open(paths["tokens"], "wb") as tokens_out, \
             pq.ParquetWriter(paths["catalog"], SCRATCH_SCHEMA, compression="none") as catalog_out:
@@ -118,7 +120,7 @@ def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, def
                 catalog_out.write_table(pa.table(columns, schema=SCRATCH_SCHEMA))
             if progress:
                 progress(len(batch), counts)
-    np.save(paths["lengths"], np.asarray(lengths, dtype=np.int32))
+    np.save(paths["lengths"], np.frombuffer(lengths, dtype=np.int32) if lengths else np.zeros(0, np.int32))
     counts.samples = len(lengths)
     return counts
 
@@ -131,16 +133,18 @@ def write_part(file_index: int, first_id: int, cfg, scratch: str) -> dict:
 
     paths = _part_paths(scratch, file_index)
     lengths = np.load(paths["lengths"])
-    tokens = np.fromfile(paths["tokens"], dtype=np.uint16) if lengths.size else np.zeros(0, np.uint16)
-    if int(lengths.sum()) != tokens.size:
+    if int(lengths.sum()) * 2 != os.path.getsize(paths["tokens"]):
         raise MatesError(f"ingest scratch for file {file_index} is inconsistent (disk full?).")
-    ends = np.cumsum(lengths)
     with MDSWriter(out=paths["mds"], columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
-                   size_limit=cfg.shard_size_limit, progress_bar=False) as writer:
-        start = 0
-        for j, end in enumerate(ends.tolist()):
-            writer.write({"tokens": tokens[start:end], "sample_id": first_id + j})
-            start = end
+                   size_limit=cfg.shard_size_limit, progress_bar=False) as writer, \
+            open(paths["tokens"], "rb") as tokens_in:
+        for block in range(0, lengths.size, READ_SAMPLES):  # bounded memory: a block at a time
+            block_lengths = lengths[block:block + READ_SAMPLES]
+            tokens = np.fromfile(tokens_in, dtype=np.uint16, count=int(block_lengths.sum()))
+            start = 0
+            for j, end in enumerate(np.cumsum(block_lengths).tolist(), start=first_id + block):
+                writer.write({"tokens": tokens[start:end], "sample_id": j})
+                start = end
     os.remove(paths["tokens"])
     with open(os.path.join(paths["mds"], "index.json")) as handle:
         return json.load(handle)
