@@ -161,14 +161,19 @@ def _merge_catalog(parts: list[tuple[int, int, dict]], tmp: str, store, mine: se
     with pq.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
         for file_index, first_id, index in parts:
             if file_index in mine:
-                table = catalog_part(file_index, first_id, index, tmp)
-            else:  # written by another rank into <data>/_ingest/
-                table = pq.read_table(io.BytesIO(store.read_bytes("_ingest", f"{part_name(file_index)}.parquet")))
-            table = table.set_column(table.schema.get_field_index("shard"), "shard",
-                                     pa.compute.add(table.column("shard"), shard_offset))
-            writer.write_table(tables.conform(table, tables.CATALOG))
+                batches = catalog_part(file_index, first_id, index, tmp, shard_offset)
+            else:  # written by another rank into <data>/_ingest/, shards counted from its part
+                other = pq.ParquetFile(io.BytesIO(store.read_bytes("_ingest", f"{part_name(file_index)}.parquet")))
+                batches = (_shifted(other.read_row_group(g), shard_offset) for g in range(other.num_row_groups))
+            for batch in batches:
+                writer.write_table(tables.conform(batch, tables.CATALOG))
             shard_offset += len(index["shards"])
     return path
+
+
+def _shifted(table: pa.Table, shard_offset: int) -> pa.Table:
+    column = table.schema.get_field_index("shard")
+    return table.set_column(column, "shard", pa.compute.add(table.column("shard"), shard_offset))
 
 
 def _merge_index(parts: list[tuple[int, int, dict]], tmp: str) -> str:
@@ -293,7 +298,9 @@ def _upload_parts(store, tmp: str, mine: list[int], first_ids: dict, indexes: di
                 store.put_file(os.path.join(part_dir, name), "pool", part_name(i), name)
         if rank > 0:
             path = os.path.join(tmp, f"{part_name(i)}.parquet")
-            pa.parquet.write_table(catalog_part(i, first_ids[i], indexes[i], tmp), path)
+            with pa.parquet.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
+                for batch in catalog_part(i, first_ids[i], indexes[i], tmp):
+                    writer.write_table(tables.conform(batch, tables.CATALOG))
             store.put_file(path, "_ingest", f"{part_name(i)}.parquet")
     return written
 

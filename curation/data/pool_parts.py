@@ -18,6 +18,7 @@ import hashlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -150,12 +151,18 @@ def write_part(file_index: int, first_id: int, cfg, scratch: str) -> dict:
         return json.load(handle)
 
 
-def catalog_part(file_index: int, first_id: int, index: dict, scratch: str) -> pa.Table:
-    """The catalog rows of one part, with sample_id and the part-local (shard, index_in_shard)."""
-    table = pq.read_table(_part_paths(scratch, file_index)["catalog"])
-    per_shard = [s["samples"] for s in index["shards"]]
-    shard = np.repeat(np.arange(len(per_shard), dtype=np.int64), per_shard)
-    starts = np.concatenate([[0], np.cumsum(per_shard)[:-1]]).astype(np.int64) if per_shard else np.zeros(0, np.int64)
-    in_shard = np.arange(table.num_rows, dtype=np.int64) - starts[shard] if per_shard else np.zeros(0, np.int64)
-    return table.append_column("sample_id", pa.array(first_id + np.arange(table.num_rows, dtype=np.int64))) \
-        .append_column("shard", pa.array(shard)).append_column("index_in_shard", pa.array(in_shard))
+def catalog_part(file_index: int, first_id: int, index: dict, scratch: str, shard_offset: int = 0) -> Iterator[pa.Table]:
+    """The catalog rows of one part, a row group at a time (bounded memory), with sample_id and
+    (shard, index_in_shard); `shard_offset` is the number of shards of the parts before it."""
+    parquet = pq.ParquetFile(_part_paths(scratch, file_index)["catalog"])
+    per_shard = np.asarray([s["samples"] for s in index["shards"]], dtype=np.int64)
+    shard_starts = np.concatenate([[0], np.cumsum(per_shard)]).astype(np.int64)
+    row = 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        local = np.arange(row, row + table.num_rows, dtype=np.int64)
+        shard = np.searchsorted(shard_starts, local, side="right") - 1
+        yield table.append_column("sample_id", pa.array(first_id + local)) \
+            .append_column("shard", pa.array(shard + shard_offset)) \
+            .append_column("index_in_shard", pa.array(local - shard_starts[shard]))
+        row += table.num_rows
