@@ -138,3 +138,23 @@ def test_a_record_error_inside_gzip_names_file_and_line(tmp_path):
     path.write_bytes(gzip.compress(b'{"text": "fine"}\n{"body": "no text"}\n'))
     result = mates("ingest", "--input", str(path), "--data", str(tmp_path / "data"), "--vocab-size", "300")
     _assert_one_line_failure(result, "bad.jsonl.gz:2", "`text`")
+
+
+def test_compressed_parts_stream_from_s3(micro_corpus, tmp_path, bucket):
+    """A bucket of .jsonl.zst parts, read as streams through s3fs, gives the local pool's bytes."""
+    import boto3
+
+    from schemas.storage import join, store_for
+
+    records = _records(micro_corpus)
+    local = _corpus(tmp_path, records, ".jsonl.zst")
+    client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL_S3"])
+    for name in sorted(os.listdir(local)):
+        client.upload_file(os.path.join(local, name), bucket[len("s3://"):], f"corpus/{name}")
+    ingest(local, str(tmp_path / "data-local"), cfg=CFG, tokenizer_cfg=TOK)
+    data = join(bucket, "data")
+    ingest(join(bucket, "corpus"), data, cfg=CFG, tokenizer_cfg=TOK)
+    store = store_for(data)
+    remote = {rel: hashlib.sha1(store.read_bytes(rel)).hexdigest() for rel in store.walk_files()
+              if rel.split("/")[0] in ("pool", "catalog", "tokenizer")}
+    assert remote == _pool_digest(str(tmp_path / "data-local"))
