@@ -92,6 +92,13 @@ class Store:
             raise MatesError(f"`{self.url_of(*parts)}` does not exist.")
         return self._call(self.fs.cat_file, path)
 
+    def open_read(self, *parts: str, block_size: int = 8 << 20):
+        """A binary stream of a file (S3: ranged reads of `block_size` with read-ahead)."""
+        return self._call(self.fs.open, self.path(*parts), "rb", block_size=block_size)
+
+    def size(self, *parts: str) -> int:
+        return int(self._call(self.fs.size, self.path(*parts)) or 0)
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write `data` atomically (see the module docstring)."""
         path = self.path(*parts)

@@ -138,11 +138,7 @@ def assign_files(files: list[str], world_size: int, sizes: list[int] | None = No
 
 
 def _file_sizes(files: list[str]) -> list[int]:
-    sizes = []
-    for url in files:
-        store = store_for(url)
-        sizes.append(int(store._call(store.fs.size, store.root) or 0))
-    return sizes
+    return [store_for(url).size() for url in files]
 
 
 def _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked):

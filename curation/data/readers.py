@@ -113,7 +113,7 @@ def reader_for(name: str):
 def open_stream(file_url: str) -> BinaryIO:
     """A buffered binary stream of the file's decompressed bytes."""
     store = store_for(file_url)
-    raw = store._call(store.fs.open, store.root, "rb", block_size=READ_BLOCK)
+    raw = store.open_read(block_size=READ_BLOCK)
     if file_url.endswith(".gz"):
         return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
     if file_url.endswith(".zst"):
