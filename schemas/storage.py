@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -117,8 +118,14 @@ class Store:
         """Copy a local file into the store atomically."""
         path = self.path(*parts)
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
-            with open(local_path, "rb") as handle:
-                self.write_bytes(handle.read(), *parts)
+            # copied in chunks, not read whole: a pool's catalog can be larger than memory allows
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
         else:
             self._call(self.fs.put_file, local_path, path)
 
