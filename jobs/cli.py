@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--batches", type=int, default=None, help="train: batches per measured run (default 100)")
     return parser
 
 

@@ -211,6 +211,7 @@ def cmd_query(args) -> int:
 def cmd_bench(args) -> int:
     from jobs import bench
 
-    result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log)
+    extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
+    result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)
     print(json.dumps(result, indent=2))
     return 0
