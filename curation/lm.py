@@ -33,6 +33,9 @@ def build_causal_lm(cfg: ModelConfig, vocab_size: int, eos_id: int, seed: int) -
         model = GPTNeoXForCausalLM(config)
     # Eager attention: identical maths on CPU and CUDA, and torch.func can transform it.
     model.config._attn_implementation = "eager"
+    # transformers finds the loss by class name; "GPT2LMHeadModel" matches none, so it warns at
+    # every first loss and falls back to the causal-LM loss. Name that loss: same maths, no warning.
+    model.loss_type = "ForCausalLM"
     return model
 
 

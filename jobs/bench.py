@@ -17,27 +17,38 @@ from schemas.storage import join, read_parquet
 
 @contextlib.contextmanager
 def loopback_s3(bucket: str):
-    """A moto S3 server on 127.0.0.1 with one bucket; yields its s3:// URL."""
+    """A moto S3 server on 127.0.0.1 with one bucket, in its own process; yields its s3:// URL.
+
+    Its own process, as a real object store is: served from threads of this process, every
+    shard download would compete for the GIL with the training loop being measured.
+    """
+    import subprocess
+    import sys
+
     import boto3
-    from moto.server import ThreadedMotoServer
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
            "AWS_ENDPOINT_URL_S3": endpoint, "S3_ENDPOINT_URL": endpoint}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
+        for _ in range(600):  # the server imports moto first: wait until it answers
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+            time.sleep(0.1)
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield f"s3://{bucket}"
     finally:
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        server.stop()
+        server.terminate()
+        server.wait()
 
 
 def _demo_corpus(out: str, seed: int, max_per_source=None) -> str:
@@ -50,37 +61,35 @@ def _demo_corpus(out: str, seed: int, max_per_source=None) -> str:
 
 
 def bench_ingest(recipe, *, out=None, log=print) -> dict:
-    """Whole-pipeline ingest tokens/s next to the bare tokenizer on the same texts, same run."""
-    from curation.data.ingest import ingest
-    from curation.data.readers import read_documents
-    from curation.data.tokenizer import load_pool_tokenizer
+    """Ingest tokens/s with 1 and 2 ranks (launcher) next to the bare tokenizer; see bench_ingest.py."""
+    from jobs.bench_ingest import bench_ingest as run
 
     with tempfile.TemporaryDirectory() as tmp:
         out = out or tmp
-        corpus = _demo_corpus(out, recipe.seed)
-        data = os.path.join(out, "bench-ingest-data")
-        summary = ingest(os.path.join(corpus, "corpus.jsonl"), data, cfg=recipe.ingest,
-                         tokenizer_cfg=recipe.tokenizer, force=True)
-        tok = load_pool_tokenizer(data)
-        texts = [d["text"] for d in read_documents(os.path.join(corpus, "corpus.jsonl"))]
-        t0 = time.perf_counter()
-        n_tokens = sum(len(e.ids) + 1 for i in range(0, len(texts), recipe.ingest.batch_docs)
-                       for e in tok.encode_batch(texts[i:i + recipe.ingest.batch_docs]))
-        bare = time.perf_counter() - t0
-    result = {"documents": summary.documents, "tokens_stored": summary.tokens,
-              "ingest_seconds": round(summary.seconds, 2), "ingest_tokens_per_s": round(summary.tokens_per_s),
-              "bare_tokenizer_seconds": round(bare, 2), "bare_tokenizer_tokens_per_s": round(n_tokens / bare),
-              "note": "ingest includes tokenizer training, slicing, MDS + catalog writing and upload"}
-    result["ratio_ingest_to_bare"] = round(result["ingest_tokens_per_s"] / result["bare_tokenizer_tokens_per_s"], 3)
-    return result
+        return run(recipe, out=out, log=log, corpus_dir=_demo_corpus(out, recipe.seed))
 
 
-def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
-    """Training tokens/s streaming a stage index from S3 vs the same samples as in-memory tensors."""
+def bench_ingest_memory(recipe, *, out=None, log=print) -> dict:
+    """Peak RSS of the ingest of one >= 200 MB (uncompressed) `.jsonl.gz`; see bench_ingest.py."""
+    from jobs.bench_ingest import bench_ingest_memory as run
+
+    out = out or os.path.join(tempfile.gettempdir(), "mates-bench-ingest-memory")
+    return run(recipe, out=out, log=log, corpus_dir=_demo_corpus(out, recipe.seed))
+
+
+def bench_train(recipe, *, out=None, log=print, batches: int = 100, repeats: int = 2) -> dict:
+    """Training tokens/s streaming a stage index from S3 vs the same samples as in-memory tensors.
+
+    How it measures. The S3 server runs in its own process; every streamed run starts from an
+    empty local cache (each shard is downloaded during the run, as on a fresh node); the runs
+    go in A B B A order (`repeats` pairs) so that warm-up and drift of a shared machine fall on
+    both sides; the ratio is of the summed tokens over the summed seconds of each side.
+    """
     from curation.data.demo_corpus import demo_set_files
     from curation.data.ingest import ingest
     from curation.pool import MDSFolder
     from schemas.recipe import recipe_from_dict
+    from training import data as train_data
     from training import stage_loop
 
     with tempfile.TemporaryDirectory() as tmp, loopback_s3("mates-bench") as bucket:
@@ -94,17 +103,26 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100) -> dict:
                tokenizer_cfg=bench_recipe.tokenizer, targets=targets, evals=evals)
         ctx = stage_loop.RunContext(bench_recipe, log)
         stage_loop.curate_if_needed(ctx, 0)
-        streamed = stage_loop.train_stage(ctx, 0)
         sel = read_parquet(join(bench_recipe.run, "stages", "0"), "selection.parquet")
         ids = sel.filter(sel.column("selected")).column("sample_id").to_pylist()
         pool = MDSFolder(join(bench_recipe.data, "pool"))
         samples = [pool[i] for i in ids]
-        in_memory = stage_loop.train_stage(ctx, 0, in_memory=samples)
-    result = {"batches": batches, "batch_size": recipe.train_loader.batch_size,
+        runs = {"streaming_s3": [], "in_memory": []}
+        order = ["streaming_s3", "in_memory", "in_memory", "streaming_s3"] * (repeats // 2) + \
+            ["streaming_s3", "in_memory"] * (repeats % 2)
+        for k, mode in enumerate(order):
+            train_data.CACHE_ROOT = os.path.join(tmp, f"cache-{k}")  # a cold cache per streamed run
+            trained = stage_loop.train_stage(ctx, 0, in_memory=samples if mode == "in_memory" else None)
+            runs[mode].append((trained["tokens_per_s"] * trained["seconds"], trained["seconds"]))
+            log(f"bench train: run {k} {mode}: {trained['tokens_per_s']:,.0f} tokens/s")
+    figure = {mode: sum(t for t, _ in r) / sum(s for _, s in r) for mode, r in runs.items()}
+    result = {"batches": batches, "batch_size": recipe.train_loader.batch_size, "runs_per_mode": len(runs["in_memory"]),
               "model": f"{recipe.model.name} d={recipe.model.d_model} L={recipe.model.n_layers} seq={recipe.ingest.seq_len}",
-              "streaming_s3_tokens_per_s": round(streamed["tokens_per_s"]),
-              "in_memory_tokens_per_s": round(in_memory["tokens_per_s"])}
-    result["ratio"] = round(result["streaming_s3_tokens_per_s"] / result["in_memory_tokens_per_s"], 3)
+              "streaming_s3_tokens_per_s": round(figure["streaming_s3"]),
+              "in_memory_tokens_per_s": round(figure["in_memory"]),
+              "each_run_tokens_per_s": {m: [round(t / s) for t, s in r] for m, r in runs.items()},
+              "load_average_1min": round(os.getloadavg()[0], 2)}
+    result["ratio"] = round(figure["streaming_s3"] / figure["in_memory"], 3)
     return result
 
 

@@ -54,11 +54,18 @@ def print_ingest_summary(summary) -> None:
 
 
 def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=None, source="text", force=False):
+    """Ingest on every rank of the launcher (`composer -n N -m jobs.cli ingest ...`), or alone."""
     from tqdm import tqdm
 
     from curation.data.ingest import ingest
+    from training import dist_utils
 
-    bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty())
+    dist_utils.init(recipe.device)  # the ranks exchange small objects only (counts, indexes)
+    ranks = dist_utils.ranks()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1:  # the tokenizer's thread pool (rayon) takes every core in each rank otherwise
+        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
+    bar = tqdm(unit="doc", desc="ingest", file=sys.stderr, disable=not sys.stderr.isatty() or ranks.rank > 0)
 
     def progress(n_docs, summary):
         bar.update(n_docs)
@@ -66,10 +73,12 @@ def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=Non
 
     try:
         summary = ingest(input_url, data_url, cfg=recipe.ingest, tokenizer_cfg=recipe.tokenizer,
-                         targets=targets, evals=evals, default_source=source, force=force, progress=progress)
+                         targets=targets, evals=evals, default_source=source, force=force, progress=progress,
+                         ranks=ranks)
     finally:
         bar.close()
-    print_ingest_summary(summary)
+    if ranks.rank == 0:
+        print_ingest_summary(summary)
     return summary
 
 
@@ -165,7 +174,12 @@ def cmd_demo(args) -> int:
         targets, evals = demo_set_files(corpus_dir)
         run_ingest(os.path.join(corpus_dir, "corpus.jsonl"), data_url, recipe, targets=targets, evals=evals)
     run_recipe(recipe, log=log)
+    from training.report import write_report
+
+    page = write_report(run_url, os.path.join(out, "report"), log=lambda message: None)
     log(f"demo: finished in {time.perf_counter() - started:.0f} s; outputs under {out}")
+    log(f"demo: report of the run (plots of loss, source mix, influence): {page}")
+    log(f"demo: next, query it: mates query {run_url} \"SELECT * FROM metrics\"")
     return 0
 
 
@@ -260,6 +274,7 @@ def cmd_bench(args) -> int:
             raise MatesError("`--run` is required for `mates bench backbones`.")
         print(json.dumps(bench_backbones(args.run, args.stage, log=log), indent=2))
         return 0
-    result = getattr(bench, f"bench_{args.what}")(load(args.recipe), out=args.out, log=log)
+    extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
+    result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)
     print(json.dumps(result, indent=2))
     return 0

@@ -27,6 +27,7 @@ from schemas.errors import MatesError
 class TokenizerConfig:
     vocab_size: int = 4096            # byte-level BPE trained at ingest
     path: Optional[str] = None        # a tokenizer.json to load instead of training one
+    train_chars: int = 64_000_000     # BPE training sample: the first train_chars / n_files of each file
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import shutil
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -92,6 +93,13 @@ class Store:
             raise MatesError(f"`{self.url_of(*parts)}` does not exist.")
         return self._call(self.fs.cat_file, path)
 
+    def open_read(self, *parts: str, block_size: int = 8 << 20):
+        """A binary stream of a file (S3: ranged reads of `block_size` with read-ahead)."""
+        return self._call(self.fs.open, self.path(*parts), "rb", block_size=block_size)
+
+    def size(self, *parts: str) -> int:
+        return int(self._call(self.fs.size, self.path(*parts)) or 0)
+
     def write_bytes(self, data: bytes, *parts: str) -> None:
         """Write `data` atomically (see the module docstring)."""
         path = self.path(*parts)
@@ -110,8 +118,14 @@ class Store:
         """Copy a local file into the store atomically."""
         path = self.path(*parts)
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
-            with open(local_path, "rb") as handle:
-                self.write_bytes(handle.read(), *parts)
+            # copied in chunks, not read whole: a pool's catalog can be larger than memory allows
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, path)
         else:
             self._call(self.fs.put_file, local_path, path)
 
@@ -182,8 +196,18 @@ def store_for(url: str) -> Store:
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise MatesError(f"`url` scheme {scheme!r} is not supported; use a local directory or s3://.")
-    local = os.path.abspath(url)
+    # A bare relative name (`corpus.jsonl`, `data`) is a path under the current folder.
+    local = os.path.abspath(os.path.expanduser(url))
     return Store(url=local, fs=fsspec.filesystem("file"), root=local)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """(folder URL, basename) of a file's URL; a bare name's folder is the current folder."""
+    resolved = store_for(url).url
+    parent, _, name = resolved.rpartition("/")
+    if not name or (resolved.startswith("s3://") and "/" not in resolved[len("s3://"):]):
+        raise MatesError(f"`url` {url!r} names a folder or bucket, not a file.")
+    return parent or "/", name
 
 
 def write_parquet(table, url: str, *parts: str) -> None:

@@ -59,7 +59,7 @@ def run_micro(capsys, data, run, *sets):
 
 # ---------------------------------------------------------------- corrupted pools
 def _shard(data):
-    return os.path.join(data, "pool", "shard.00000.mds")
+    return os.path.join(data, "pool", "part-00000", "shard.00000.mds")
 
 
 def test_truncated_shard(capsys, pool_copy, tmp_path):

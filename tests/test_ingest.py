@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.data.demo_corpus import demo_set_files
-from curation.data.ingest import ingest, slice_document
+from curation.data.ingest import ingest
+from curation.data.pool_parts import slice_bounds
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from schemas.recipe import IngestConfig, TokenizerConfig
 from schemas.storage import join, read_parquet, store_for
@@ -31,14 +32,11 @@ def local_pool(micro_corpus, tmp_path_factory):
     return data, summary
 
 
-def test_slice_document_keeps_full_slices_and_drops_short_tails():
-    ids = list(range(1, 21))
-    offsets = [(i, i + 1) for i in range(20)]
-    slices, dropped = slice_document(ids, offsets, "x" * 20, eos=0, seq_len=8, min_tokens=4)
-    assert [len(s) for s, _ in slices] == [8, 8, 5] and dropped == 0  # 21 ids with EOS: 8 + 8 + 5
-    slices, dropped = slice_document(ids, offsets, "x" * 20, eos=0, seq_len=8, min_tokens=6)
-    assert [len(s) for s, _ in slices] == [8, 8] and dropped == 1  # ... which min_tokens=6 drops
-    assert slices[0][0][:3] == [1, 2, 3] and slices[1][0][-1] == 16
+def test_slice_bounds_keep_full_slices_and_drop_short_tails():
+    assert slice_bounds(21, seq_len=8, min_tokens=4) == ([0, 8, 16], 0)   # 21 ids with EOS: 8 + 8 + 5
+    assert slice_bounds(21, seq_len=8, min_tokens=6) == ([0, 8], 1)       # ... which min_tokens=6 drops
+    assert slice_bounds(3, seq_len=8, min_tokens=4) == ([], 1)            # a document under min_tokens
+    assert slice_bounds(16, seq_len=8, min_tokens=8) == ([0, 8], 0)
 
 
 def test_catalog_matches_index_and_pool(local_pool):
@@ -56,7 +54,7 @@ def test_catalog_matches_index_and_pool(local_pool):
 def test_ingest_is_deterministic(micro_corpus, local_pool, tmp_path):
     data, _ = local_pool
     _ingest(micro_corpus, str(tmp_path))
-    for rel in ("pool/index.json", "pool/shard.00000.mds", "catalog/samples.parquet", "tokenizer/tokenizer.json"):
+    for rel in ("pool/index.json", "pool/part-00000/shard.00000.mds", "catalog/samples.parquet", "tokenizer/tokenizer.json"):
         a, b = open(os.path.join(data, rel), "rb").read(), open(os.path.join(tmp_path, rel), "rb").read()
         assert hashlib.sha1(a).digest() == hashlib.sha1(b).digest(), rel
 

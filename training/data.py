@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from curation.batching import collate_samples
+from schemas.errors import MatesError
 from schemas.storage import export_endpoint_for_streaming, is_remote, store_for
 
 CACHE_ROOT = os.environ.get("MATES_STREAMING_CACHE") or os.path.join(tempfile.gettempdir(), "mates-streaming")
@@ -53,9 +54,17 @@ def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuf
 
 
 def mds_loader(dataset, *, batch_size: int, pad_id: int, num_workers: int = 0) -> DataLoader:
+    """Full batches only: a stage index rarely holds a multiple of the batch (1,250 samples in
+    batches of 16 leave 2), and a short last batch would be one step on 2 samples, weighted like
+    a full one (and Composer warns that it cannot split it into microbatches). Dropping it skips
+    fewer than `batch_size` samples per pass; the next pass reshuffles, so every sample still
+    gets its turn."""
+    if len(dataset) < batch_size:
+        raise MatesError(f"the training data holds {len(dataset)} samples per rank, fewer than one batch "
+                         f"({batch_size}); raise the stage's selection or lower `train_loader.batch_size`.")
     collate = functools.partial(collate_samples, pad_id=pad_id)
     return DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
-                      drop_last=False, persistent_workers=False)
+                      drop_last=True, persistent_workers=False)
 
 
 class InMemorySamples(torch.utils.data.Dataset):

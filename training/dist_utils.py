@@ -62,3 +62,16 @@ def barrier() -> None:
 
     if dist.get_world_size() > 1:
         dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    from composer.utils import dist
+
+    return dist.all_gather_object(obj) if dist.get_world_size() > 1 else [obj]
+
+
+def ranks():
+    """This process's ranks as curation/'s plain `Ranks` (ingest and other data-parallel jobs)."""
+    from curation.data.ranks import Ranks
+
+    return Ranks(rank=rank(), world_size=world_size(), all_gather=all_gather_object, barrier=barrier)

@@ -8,19 +8,28 @@ the padding out of the loss). One sample = one slice of one document, so every s
 document's `source` and can be audited.
 
 Sample ids are consecutive integers in input order (files sorted by name, records in order), so
-the same input gives the same ids and the same bytes.
+the same input gives the same ids and the same bytes, with one rank or many.
 
-Atomicity. Everything is built in a local scratch folder first; bad input stops before any byte
-reaches `<data>` (an eval set that shares a document with a target or the pool is such input,
-see curation/data/sets.py). Then the tokenizer, target and eval sets, shards and catalog are uploaded, the pool's
-`index.json` after its shards, and `<data>/_SUCCESS` (with the summary) last. A `<data>` without
-`_SUCCESS` is not a pool.
+Parallel. Under the Composer launcher every rank runs `ingest` (see `ranks.py`). Rank 0 trains
+the BPE on a deterministic sample of the input (`tokenizer.train_chars`, the first characters of
+every file) and hands it to the others. Each input file is one pool part (`pool/part-<file>/`,
+its own MDS folder, see `pool_parts.py`); files are dealt to ranks by size, each rank tokenizes
+its files, the ranks exchange per-file sample counts, and each part is written with its final
+ids. Rank 0 merges the parts' `index.json` with mosaicml-streaming's `merge_index` and the
+catalog parts into `catalog/samples.parquet`.
+
+Atomicity. Everything is built in local scratch folders first; bad input on any rank stops every
+rank before any byte reaches `<data>`. Then each rank uploads its parts' shards (ranks > 0 also
+their catalog parts, under `<data>/_ingest/`), and rank 0 uploads the tokenizer, target and eval sets
+and catalog, the pool's `index.json` after every shard, and `<data>/_SUCCESS` (with the summary)
+last. A `<data>` without `_SUCCESS` is not a pool. An eval set that shares a document with a
+target or the pool is bad input too (curation/data/sets.py): refused before anything is written.
 """
 from __future__ import annotations
 
-import bisect
-import hashlib
+import io
 import json
+import logging
 import os
 import tempfile
 import time
@@ -29,18 +38,19 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
 from curation.data import tokenizer as tokmod
-from curation.data.readers import read_documents
+from curation.data.pool_parts import POOL_COLUMNS, FileCounts, catalog_part, part_name, tokenize_file, write_part  # noqa: F401
+from curation.data.ranks import Ranks
+from curation.data.readers import input_files, read_file
 from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, refuse_pool_overlap,
                                 set_entry, tokenize_set)
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.recipe import IngestConfig, TokenizerConfig
 from schemas.storage import store_for, write_parquet
-
-POOL_COLUMNS = {"tokens": "ndarray:uint16", "sample_id": "int64"}
-PREVIEW_CHARS = 160
 
 
 @dataclass
@@ -53,7 +63,8 @@ class IngestSummary:
     shards: int = 0
     bytes_written: int = 0
     seconds: float = 0.0
-    tokenize_seconds: float = 0.0   # time inside the tokenizer during ingest
+    tokenize_seconds: float = 0.0   # time inside the tokenizer during ingest (summed over ranks)
+    write_seconds: float = 0.0      # tokenize + slice + MDS parts, wall clock (after BPE training)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,82 +82,100 @@ def _checked(docs: Iterator[dict], max_chars: int) -> Iterator[dict]:
         yield doc
 
 
-def _batches(docs: Iterator[dict], size: int) -> Iterator[list[dict]]:
-    batch = []
-    for doc in docs:
-        batch.append(doc)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+def _tokenizer_sample(files: list[str], budget_chars: int, default_source: str, checked) -> Iterator[str]:
+    """A deterministic sample to train the BPE on: the first `budget / n_files` characters of
+    every file (at least one document each), in file order; the same whatever the ranks."""
+    per_file = max(1, budget_chars // len(files))
+    for file_url in files:
+        seen = 0
+        for doc in checked(read_file(file_url, default_source)):
+            yield doc["text"]
+            seen += len(doc["text"])
+            if seen >= per_file:
+                break
 
 
-def slice_document(ids: list[int], offsets: list[tuple[int, int]], text: str, eos: int,
-                   seq_len: int, min_tokens: int) -> tuple[list[tuple[list[int], str]], int]:
-    """Cut one document's ids (+ EOS) into slices; return [(ids, text span)], number dropped."""
-    ids = list(ids) + [eos]
-    out, dropped = [], 0
-    for start in range(0, len(ids), seq_len):
-        chunk = ids[start:start + seq_len]
-        if len(chunk) < min_tokens:
-            dropped += 1
-            continue
-        last = min(start + len(chunk), len(offsets)) - 1
-        span = text[offsets[start][0]:offsets[last][1]] if start < len(offsets) else ""
-        out.append((chunk, span))
-    return out, dropped
+def assign_files(files: list[str], world_size: int, sizes: list[int] | None = None) -> list[list[int]]:
+    """File indices per rank: largest file first to the least loaded rank (ties: lowest rank)."""
+    sizes = sizes or [1] * len(files)
+    load, out = [0] * world_size, [[] for _ in range(world_size)]
+    for ix in sorted(range(len(files)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world_size), key=lambda k: (load[k], k))
+        out[r].append(ix)
+        load[r] += sizes[ix]
+    return [sorted(ix) for ix in out]
 
 
-def _write_pool(docs: Iterator[dict], tok, cfg: IngestConfig, out_dir: str, summary: IngestSummary,
-                progress: Callable | None) -> list[dict]:
-    """Tokenize, slice and write MDS shards into `out_dir`; return catalog rows (no shard yet)."""
-    from streaming import MDSWriter
-
-    eos = tok.token_to_id(tokmod.EOS)
-    rows: list[dict] = []
-    with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
-                   size_limit=cfg.shard_size_limit, progress_bar=False) as writer:
-        for batch in _batches(docs, cfg.batch_docs):
-            t0 = time.perf_counter()
-            encodings = tok.encode_batch([d["text"] for d in batch])
-            summary.tokenize_seconds += time.perf_counter() - t0
-            for doc, enc in zip(batch, encodings):
-                slices, dropped = slice_document(enc.ids, enc.offsets, doc["text"], eos,
-                                                 cfg.seq_len, cfg.min_tokens)
-                summary.documents += 1
-                summary.dropped_short += dropped
-                for chunk_ix, (chunk, span) in enumerate(slices):
-                    sample_id = len(rows)
-                    writer.write({"tokens": np.asarray(chunk, dtype=np.uint16), "sample_id": sample_id})
-                    rows.append({"sample_id": sample_id, "doc_id": doc["id"], "chunk": chunk_ix,
-                                 "n_tokens": len(chunk), "source": doc["source"],
-                                 "text_sha1": hashlib.sha1(span.encode("utf-8")).hexdigest(),
-                                 "preview": span[:PREVIEW_CHARS]})
-                    summary.tokens += len(chunk)
-                    summary.per_source[doc["source"]] = summary.per_source.get(doc["source"], 0) + 1
-            if progress:
-                progress(len(batch), summary)
-    summary.sequences = len(rows)
-    return rows
+def _file_sizes(files: list[str]) -> list[int]:
+    return [store_for(url).size() for url in files]
 
 
-def _assign_shards(rows: list[dict], index_path: str) -> int:
-    """Fill `shard` / `index_in_shard` from index.json's per-shard sample counts."""
-    with open(index_path) as handle:
-        shards = json.load(handle)["shards"]
-    starts = np.cumsum([0] + [s["samples"] for s in shards]).tolist()
-    for row in rows:
-        shard = bisect.bisect_right(starts, row["sample_id"]) - 1
-        row["shard"], row["index_in_shard"] = shard, row["sample_id"] - starts[shard]
-    return len(shards)
+def _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked):
+    if tokenizer_cfg.path:
+        return tokmod.load_tokenizer_file(tokenizer_cfg.path)
+    return tokmod.train_bpe(_tokenizer_sample(files, tokenizer_cfg.train_chars, default_source, checked),
+                            tokenizer_cfg.vocab_size)
+
+
+def _merge_catalog(parts: list[tuple[int, int, dict]], tmp: str, store, mine: set[int]) -> str:
+    """Rank 0: one catalog Parquet from every part's rows, in file order; returns its local path."""
+    import pyarrow.parquet as pq
+
+    path = os.path.join(tmp, "samples.parquet")
+    shard_offset = 0
+    with pq.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
+        for file_index, first_id, index in parts:
+            if file_index in mine:
+                batches = catalog_part(file_index, first_id, index, tmp, shard_offset)
+            else:  # written by another rank into <data>/_ingest/, shards counted from its part
+                other = pq.ParquetFile(io.BytesIO(store.read_bytes("_ingest", f"{part_name(file_index)}.parquet")))
+                batches = (_shifted(other.read_row_group(g), shard_offset) for g in range(other.num_row_groups))
+            for batch in batches:
+                writer.write_table(tables.conform(batch, tables.CATALOG))
+            shard_offset += len(index["shards"])
+    return path
+
+
+def _shifted(table: pa.Table, shard_offset: int) -> pa.Table:
+    column = table.schema.get_field_index("shard")
+    return table.set_column(column, "shard", pa.compute.add(table.column("shard"), shard_offset))
+
+
+def _merge_index(parts: list[tuple[int, int, dict]], tmp: str) -> str:
+    """Rank 0: streaming's own merge of the parts' index.json files (basenames `part-*/shard.*`)."""
+    from streaming.base.util import merge_index
+
+    root = os.path.join(tmp, "merged")
+    urls = []
+    for file_index, _, index in parts:
+        part_dir = os.path.join(root, part_name(file_index))
+        os.makedirs(part_dir, exist_ok=True)
+        with open(os.path.join(part_dir, "index.json"), "w") as handle:
+            json.dump(index, handle)
+        urls.append(os.path.join(part_dir, "index.json"))
+    # merge_index logs two warnings per call (its temp folder, a non-empty `out`) on the root
+    # and `streaming` loggers; they describe its normal operation, not a problem of the pool
+    loggers = [logging.getLogger(), logging.getLogger("streaming")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        merge_index(urls, root, keep_local=True)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+    return os.path.join(root, "index.json")
 
 
 def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: TokenizerConfig,
            targets: dict[str, str] | None = None, evals: dict[str, str] | None = None,
            default_source: str = "text", force: bool = False,
-           progress: Callable | None = None) -> IngestSummary:
-    """Ingest documents at `input_url` into the pool at `data_url`; see the module docstring."""
+           progress: Callable | None = None, ranks: Ranks | None = None) -> IngestSummary:
+    """Ingest documents at `input_url` into the pool at `data_url`; see the module docstring.
+
+    `targets` / `evals`: {name: JSONL file} of the target and eval sets (curation/data/sets.py).
+    Every rank of `ranks` calls this with the same arguments (the default is one process)."""
+    ranks = ranks or Ranks()
     started = time.perf_counter()
     store = store_for(data_url)
     store.preflight()
@@ -157,49 +186,96 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     eval_sets = [read_set_file(n, u, "--eval") for n, u in (evals or {}).items()]
     eval_hashes = check_disjoint(target_sets, eval_sets)
 
-    def docs():  # read twice: once to train the tokenizer, once to slice
-        return _checked(read_documents(input_url, default_source), cfg.max_doc_chars)
-    if tokenizer_cfg.path:
-        tok = tokmod.load_tokenizer_file(tokenizer_cfg.path)
-    else:
-        tok = tokmod.train_bpe((d["text"] for d in docs()), tokenizer_cfg.vocab_size)
+    def checked(docs):  # every pool document: size limit, and in no eval set
+        return refuse_pool_overlap(_checked(docs, cfg.max_doc_chars), eval_hashes)
+
+    files = input_files(input_url)
+    # rank 0 trains (or loads) the tokenizer on the sample; every rank gets its JSON
+    tok_json = ranks.collect(lambda: _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked)
+                             .to_str() if ranks.rank == 0 else None)[0]
+    tok = tokmod.Tokenizer.from_str(tok_json)
     if tok.get_vocab_size() > 65536:
         raise MatesError(f"`tokenizer.path` has {tok.get_vocab_size()} tokens; the uint16 pool holds at most 65536.")
 
     summary = IngestSummary()
     with tempfile.TemporaryDirectory(prefix="mates-ingest-") as tmp:
-        pool_dir = os.path.join(tmp, "pool")
-        rows = _write_pool(refuse_pool_overlap(docs(), eval_hashes), tok, cfg, pool_dir, summary, progress)
-        if not rows:
+        mine = assign_files(files, ranks.world_size, _file_sizes(files) if ranks.world_size > 1 else None)[ranks.rank]
+        tokenize_start = time.perf_counter()
+        counts = [c for part in ranks.collect(lambda: [
+            tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
+                          progress=progress) for i in mine]) for c in part]
+        counts.sort(key=lambda c: c.file_index)
+        _add_counts(summary, counts)
+        if summary.documents == 0:
+            raise MatesError(f"`input` {input_url!r} holds no documents; give at least one record with `text`.")
+        if not summary.sequences:
             raise MatesError(f"`input` {input_url!r} gave no sample of >= {cfg.min_tokens} tokens "
                              f"(`ingest.min_tokens`); nothing to write.")
-        summary.shards = _assign_shards(rows, os.path.join(pool_dir, "index.json"))
-        catalog = tables.conform(pa.Table.from_pylist(rows), tables.CATALOG)
+        first_ids = dict(zip([c.file_index for c in counts],
+                             np.cumsum([0] + [c.samples for c in counts]).tolist()))
+        indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
+                   for k, v in part.items()}
+        parts = [(i, first_ids[i], indexes[i]) for i in sorted(indexes)]
+        summary.shards = sum(len(index["shards"]) for _, _, index in parts)
+        summary.write_seconds = time.perf_counter() - tokenize_start
 
         # Commit: nothing above touched <data>. Remove a previous pool only now (with --force).
-        if force:
+        if force and ranks.rank == 0:
             store.remove("_SUCCESS")
             for sub in ("pool", "catalog", TARGETS, EVAL, "embeddings", "tokenizer"):
                 store.remove(sub)
-        tokmod.save_tokenizer(tok, data_url)
-        eos = tok.token_to_id(tokmod.EOS)
-        for role, sets in ((TARGETS, target_sets), (EVAL, eval_sets)):
-            for named in sets:
-                write_parquet(tokenize_set(tok, named, cfg.seq_len, eos), data_url, role, f"{named.name}.parquet")
-        for name in sorted(os.listdir(pool_dir)):
-            if name != "index.json":
-                summary.bytes_written += os.path.getsize(os.path.join(pool_dir, name))
-                store.put_file(os.path.join(pool_dir, name), "pool", name)
-        write_parquet(catalog, data_url, "catalog", "samples.parquet")
-        store.put_file(os.path.join(pool_dir, "index.json"), "pool", "index.json")
+        ranks.barrier()
+        summary.bytes_written = sum(ranks.collect(lambda: _upload_parts(store, tmp, mine, first_ids, indexes,
+                                                                        ranks.rank)))
+        if ranks.rank == 0:
+            tokmod.save_tokenizer(tok, data_url)
+            eos = tok.token_to_id(tokmod.EOS)
+            for role, sets in ((TARGETS, target_sets), (EVAL, eval_sets)):
+                for named in sets:
+                    write_parquet(tokenize_set(tok, named, cfg.seq_len, eos), data_url, role, f"{named.name}.parquet")
+            store.put_file(_merge_catalog(parts, tmp, store, set(mine)), "catalog", "samples.parquet")
+            store.put_file(_merge_index(parts, tmp), "pool", "index.json")
+            store.remove("_ingest")
+            summary.seconds = time.perf_counter() - started
+            marker = {"format": "mates-pool", "version": 2, "seq_len": cfg.seq_len,
+                      "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(),
+                      "sets": {TARGETS: {t.name: set_entry(t) for t in target_sets},
+                               EVAL: {e.name: set_entry(e) for e in eval_sets}},
+                      "summary": summary.to_dict()}
+            store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
+        ranks.barrier()  # no rank returns before the pool is committed
     summary.seconds = time.perf_counter() - started
-    marker = {"format": "mates-pool", "version": 1, "seq_len": cfg.seq_len,
-              "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(),
-              "sets": {TARGETS: {t.name: set_entry(t) for t in target_sets},
-                       EVAL: {e.name: set_entry(e) for e in eval_sets}},
-              "summary": summary.to_dict()}
-    store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
     return summary
+
+
+def _add_counts(summary: IngestSummary, counts: list[FileCounts]) -> None:
+    for c in counts:
+        summary.documents += c.documents
+        summary.sequences += c.samples
+        summary.tokens += c.tokens
+        summary.dropped_short += c.dropped_short
+        summary.tokenize_seconds += c.tokenize_seconds
+        for source, n in c.per_source.items():
+            summary.per_source[source] = summary.per_source.get(source, 0) + n
+    summary.per_source = dict(sorted(summary.per_source.items()))
+
+
+def _upload_parts(store, tmp: str, mine: list[int], first_ids: dict, indexes: dict, rank: int) -> int:
+    """Every rank uploads its own parts' shards; ranks > 0 also their catalog parts (for rank 0)."""
+    written = 0
+    for i in mine:
+        part_dir = os.path.join(tmp, "pool", part_name(i))
+        for name in sorted(os.listdir(part_dir)):
+            if name != "index.json":
+                written += os.path.getsize(os.path.join(part_dir, name))
+                store.put_file(os.path.join(part_dir, name), "pool", part_name(i), name)
+        if rank > 0:
+            path = os.path.join(tmp, f"{part_name(i)}.parquet")
+            with pa.parquet.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
+                for batch in catalog_part(i, first_ids[i], indexes[i], tmp):
+                    writer.write_table(tables.conform(batch, tables.CATALOG))
+            store.put_file(path, "_ingest", f"{part_name(i)}.parquet")
+    return written
 
 
 def read_pool_marker(data_url: str) -> dict:

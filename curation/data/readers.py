@@ -1,76 +1,193 @@
-"""Readers: JSONL, Parquet and plain-text documents from a local path or `s3://`.
+"""Readers: documents from JSONL / JSON / Parquet / text files, plain or compressed, local or `s3://`.
 
-A document is {"id", "text", "source"}. `id` defaults to `<file>:<line>` and `source` to the
-reader's `default_source`; `text` is required. Bad input stops with a one-line error naming the
-file and line: a record without `text`, text that is not valid UTF-8, or no documents at all.
+A document is {"id", "text", "source"}. `id` defaults to `<file>:<line>` (`<file>:<row>` for
+Parquet) and `source` to the reader's `default_source`; `text` is required. Bad input stops with
+a one-line error naming the file and line: a record without `text`, text that is not valid UTF-8,
+a truncated or corrupt compressed file, or no documents at all.
+
+Bounded memory. Every file is opened as a stream through the store's fsspec filesystem (S3:
+ranged reads with read-ahead), decompressed on the fly (`.gz`, `.zst`) and read line by line;
+Parquet is read one row group at a time. No file ever sits in memory whole, except a `.txt`,
+which is one document by definition (and `ingest.max_doc_chars` bounds it).
+
+One small reader class per format, found by suffix in `READERS`; `open_stream` is the only place
+that knows about compression.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import posixpath
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 from schemas.errors import MatesError
 from schemas.storage import store_for
 
-SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
+COMPRESSIONS = (".gz", ".zst")
+READ_BLOCK = 8 << 20  # S3 read-ahead block: few requests, bounded buffer
 
 
 def _doc(record: dict, where: str, default_id: str, default_source: str) -> dict:
     text = record.get("text")
     if not isinstance(text, str):
         raise MatesError(f"`{where}` has no string `text` field (keys: {sorted(record)}).")
-    return {"id": str(record.get("id", default_id)), "text": text,
-            "source": str(record.get("source") or default_source)}
+    doc_id, source = record.get("id"), record.get("source")
+    return {"id": default_id if doc_id is None else str(doc_id), "text": text,
+            "source": str(source) if source else default_source}
 
 
-def _jsonl(data: bytes, name: str, default_source: str) -> Iterator[dict]:
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        where = f"{name}:{lineno}"
+class JsonlReader:
+    """One JSON object per line (`.jsonl`, and `.json` written the same way, as C4 / Dolma do)."""
+
+    suffixes = (".jsonl", ".json")
+
+    def read(self, stream: BinaryIO, name: str, default_source: str) -> Iterator[dict]:
+        loads = json.loads
+        for lineno, raw in enumerate(stream, start=1):
+            if raw.isspace() or not raw:
+                continue
+            try:
+                record = loads(raw)  # bytes in: json decodes the UTF-8 itself
+            except UnicodeDecodeError as exc:
+                raise MatesError(f"`{name}:{lineno}` is not valid UTF-8 (byte {exc.start}); "
+                                 f"re-encode the file.") from exc
+            except ValueError as exc:
+                raise MatesError(f"`{name}:{lineno}` is not valid JSON: {getattr(exc, 'msg', exc)}.") from exc
+            if not isinstance(record, dict):
+                raise MatesError(f"`{name}:{lineno}` is not a JSON object.")
+            where = f"{name}:{lineno}"
+            yield _doc(record, where, where, default_source)
+
+
+class ParquetReader:
+    """A `text` column (and optional `id`, `source`), one row group at a time."""
+
+    suffixes = (".parquet",)
+
+    def read(self, stream: BinaryIO, name: str, default_source: str) -> Iterator[dict]:
+        import pyarrow.parquet as pq
+
         try:
-            line = raw.decode("utf-8")
+            parquet = pq.ParquetFile(stream)
+        except Exception as exc:  # pyarrow raises ArrowInvalid / OSError for a damaged footer
+            raise MatesError(f"`{name}` is not a readable Parquet file: {exc}") from exc
+        names = parquet.schema_arrow.names
+        if "text" not in names:
+            raise MatesError(f"`{name}` has no `text` column (columns: {names}).")
+        columns = [c for c in ("text", "id", "source") if c in names]
+        row = 0
+        for group in range(parquet.num_row_groups):
+            for record in parquet.read_row_group(group, columns=columns).to_pylist():
+                yield _doc(record, f"{name}:row {row}", f"{name}:{row}", default_source)
+                row += 1
+
+
+class TextReader:
+    """A `.txt` file is one document."""
+
+    suffixes = (".txt",)
+
+    def read(self, stream: BinaryIO, name: str, default_source: str) -> Iterator[dict]:
+        data = stream.read()
+        try:
+            text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise MatesError(f"`{where}` is not valid UTF-8 (byte {exc.start}); re-encode the file.") from exc
-        try:
-            record = json.loads(line)
-        except ValueError as exc:
-            raise MatesError(f"`{where}` is not valid JSON: {exc.msg}.") from exc
-        if not isinstance(record, dict):
-            raise MatesError(f"`{where}` is not a JSON object.")
-        yield _doc(record, where, where, default_source)
+            raise MatesError(f"`{name}` is not valid UTF-8 (byte {exc.start}); re-encode the file.") from exc
+        yield {"id": name, "text": text, "source": default_source}
 
 
-def _parquet(data: bytes, name: str, default_source: str) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(io.BytesIO(data))
-    if "text" not in table.column_names:
-        raise MatesError(f"`{name}` has no `text` column (columns: {table.column_names}).")
-    for row, record in enumerate(table.to_pylist()):
-        yield _doc(record, f"{name}:row {row}", f"{name}:{row}", default_source)
+READERS = [JsonlReader(), ParquetReader(), TextReader()]
+SUFFIXES = tuple(s + c for r in READERS for s in r.suffixes for c in ("",) + COMPRESSIONS
+                 if not (c and s == ".parquet"))  # Parquet compresses inside the file
 
 
-def _text(data: bytes, name: str, default_source: str) -> Iterator[dict]:
+def reader_for(name: str):
+    base = name[:-len(c)] if (c := next((c for c in COMPRESSIONS if name.endswith(c)), "")) else name
+    for reader in READERS:
+        if base.endswith(reader.suffixes) and not (c and isinstance(reader, ParquetReader)):
+            return reader
+    raise MatesError(f"`input` {name!r} must end with one of {', '.join(SUFFIXES)}.")
+
+
+def open_stream(file_url: str) -> BinaryIO:
+    """A buffered binary stream of the file's decompressed bytes."""
+    store = store_for(file_url)
+    raw = store.open_read(block_size=READ_BLOCK)
+    if file_url.endswith(".gz"):
+        return io.BufferedReader(gzip.GzipFile(fileobj=raw, mode="rb"), buffer_size=1 << 20)
+    if file_url.endswith(".zst"):
+        return io.BufferedReader(_ZstdStream(raw), buffer_size=1 << 20)
+    return raw
+
+
+class _ZstdStream(io.RawIOBase):
+    """Decompress a zstd stream frame after frame (pzstd and others write several per file).
+
+    zstandard's own `stream_reader` ends quietly when a file is cut mid-frame, so this reader
+    drives `decompressobj` itself and calls an end of input inside a frame what it is: truncation.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, raw):
+        import zstandard
+
+        self.raw, self.zstd = raw, zstandard.ZstdDecompressor()
+        self.dobj, self.pending, self.in_frame = self.zstd.decompressobj(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            data = self.raw.read(self.CHUNK)
+            if not data:
+                if self.in_frame:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            while data:
+                self.in_frame = True
+                self.pending += self.dobj.decompress(data)
+                data = b""
+                if self.dobj.eof:  # frame complete; what follows starts the next frame
+                    data, self.in_frame = self.dobj.unused_data, False
+                    self.dobj = self.zstd.decompressobj()
+        n = min(len(buffer), len(self.pending))
+        buffer[:n], self.pending = self.pending[:n], self.pending[n:]
+        return n
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+def read_file(file_url: str, default_source: str = "text") -> Iterator[dict]:
+    """Every document of one input file, in record order."""
+    name = posixpath.basename(file_url)
+    reader = reader_for(name)
+    stream = open_stream(file_url)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise MatesError(f"`{name}` is not valid UTF-8 (byte {exc.start}); re-encode the file.") from exc
-    yield {"id": name, "text": text, "source": default_source}
-
-
-_READERS = {".jsonl": _jsonl, ".json": _jsonl, ".parquet": _parquet, ".txt": _text}
+        yield from reader.read(stream, name, default_source)
+    except MatesError:
+        raise
+    except (EOFError, OSError, ValueError) as exc:  # truncated / corrupt gzip or zstd, S3 failure
+        kind = "truncated" if isinstance(exc, EOFError) else "unreadable"
+        raise MatesError(f"`{file_url}` is {kind}: {type(exc).__name__}: {exc}") from exc
+    except Exception as exc:
+        if type(exc).__name__ == "ZstdError":
+            raise MatesError(f"`{file_url}` is not a valid zstd file: {exc}") from exc
+        raise
+    finally:
+        stream.close()
 
 
 def input_files(url: str) -> list[str]:
-    """The input files a path names: the file itself, or every readable file under a folder."""
+    """The input files a path names: the file itself, or every readable file under a folder, sorted."""
     store = store_for(url)
     if store.fs.isfile(store.root):
-        if not url.endswith(SUFFIXES):
-            raise MatesError(f"`input` {url!r} must end with one of {', '.join(SUFFIXES)}.")
-        return [url]
+        reader_for(posixpath.basename(store.url))  # refuses an unknown suffix
+        return [store.url]
     if not store.exists():
         raise MatesError(f"`input` {url!r} does not exist.")
     files = [store.url_of(rel) for rel in store.walk_files() if rel.endswith(SUFFIXES)]
@@ -83,10 +200,7 @@ def read_documents(url: str, default_source: str = "text") -> Iterator[dict]:
     """Every document under `url`, in file order then record order; errors if there are none."""
     count = 0
     for file_url in input_files(url):
-        parent, name = posixpath.split(file_url)
-        data = store_for(parent).read_bytes(name)
-        reader = _READERS[posixpath.splitext(name)[1]]
-        for doc in reader(data, name, default_source):
+        for doc in read_file(file_url, default_source):
             count += 1
             yield doc
     if count == 0:

@@ -14,7 +14,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from schemas.errors import MatesError
-from schemas.storage import store_for
+from schemas.storage import split_url, store_for
 
 EOS = "<|endoftext|>"
 FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -33,8 +33,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def load_tokenizer_file(path: str) -> Tokenizer:
     """A `tokenizer.json` from a local path or URL; it must know `<|endoftext|>`."""
-    parent, name = os.path.split(path.rstrip("/"))
-    if not name.endswith(".json"):  # a folder holding tokenizer.json
+    if path.rstrip("/").endswith(".json"):
+        parent, name = split_url(path.rstrip("/"))
+    else:  # a folder holding tokenizer.json
         parent, name = path.rstrip("/"), "tokenizer.json"
     try:
         tok = Tokenizer.from_str(store_for(parent).read_bytes(name).decode("utf-8"))
