@@ -10,7 +10,8 @@ from curation.embeddings import EmbeddingSettings, EmbeddingStore
 from curation.frozen_head import FrozenHead
 from schemas.costs import PHASES, stage_costs
 from schemas.storage import join, read_parquet, store_for
-from tests.conftest import MICRO_RECIPE, mates
+from tests.conftest import mates
+from tests.test_mates_e2e import method_run
 
 pytestmark = pytest.mark.slow
 ENCODER = "encoder_layers: 1, encoder_max_len: 64"
@@ -20,14 +21,7 @@ GROUP = (f"stages.options={{backbone: frozen, n_probes: 48, probe_batch: 16, {EN
 
 
 def frozen_run(s3_server: str, s3_pool: str, method: str, options: str):
-    import boto3
-
-    bucket = f"mates-frozen-{method.replace('_', '-')}"
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
-    run = f"s3://{bucket}/run"
-    result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
-                   "--set", f"stages.method={method}", "--set", options)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run, result = method_run(s3_server, s3_pool, method, options, prefix="mates-frozen")
     marker = json.loads(store_for(join(run, "stages", "1")).read_bytes("_SUCCESS"))
     return run, result, marker
 

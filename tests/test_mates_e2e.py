@@ -12,11 +12,11 @@ MATES_OPTIONS = ("stages.options={n_probes: 128, probe_batch: 16, encoder_layers
                  "epochs: 2, max_target: 32, batch_size: 16}")
 
 
-def method_run(s3_server: str, s3_pool: str, method: str, options: str):
+def method_run(s3_server: str, s3_pool: str, method: str, options: str, prefix: str = "mates-run"):
     """The micro recipe with `method` and `options`, in a fresh bucket; (run URL, CLI result)."""
     import boto3
 
-    bucket = f"mates-run-{method.replace('_', '-')}"
+    bucket = f"{prefix}-{method.replace('_', '-')}"
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=bucket)
     run = f"s3://{bucket}/run"
     result = mates("run", MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
