@@ -16,6 +16,7 @@ Finished runs are kept: running the same comparison again only runs what is miss
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,7 +32,7 @@ import pyarrow as pa
 from curation.index_writer import stage_url
 from schemas import streams, tables
 from schemas.errors import MatesError
-from schemas.recipe import METHOD_OPTIONS, Recipe, dump_recipe, load_recipe
+from schemas.recipe import METHOD_OPTIONS, Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import join, read_parquet, store_for, write_parquet
 
 WARMUP = "warmup"
@@ -80,9 +81,8 @@ def entry_overrides(entry: str, base: Recipe) -> dict:
     """The recipe keys an entry sets: its method, and for `METHOD@BACKBONE` that method's backbone."""
     method, _, backbone = entry.partition("@")
     out = {"stages.method": "random" if entry == WARMUP else method}
-    if backbone:
-        per_method = bool(base.stages.options) and all(k in METHOD_OPTIONS for k in base.stages.options)
-        out[f"stages.options.{method}.backbone" if per_method else "stages.options.backbone"] = backbone
+    if backbone:  # under the key the recipe writes that method's options (one block, or per method)
+        out[f"{method_options_key(dataclasses.replace(base.stages, method=method))}.backbone"] = backbone
     return out
 
 
@@ -121,7 +121,7 @@ def _check_pool_keys(base: Recipe, recipes: list[Recipe]) -> None:
     for recipe in recipes:
         opts = recipe.method_options
         if hasattr(opts, "target"):
-            resolve_target(marker, opts.target, f"stages.options.{recipe.stages.method}.target", recipe.data)
+            resolve_target(marker, opts.target, f"{method_options_key(recipe.stages)}.target", recipe.data)
     primary_eval_of(base)
 
 
