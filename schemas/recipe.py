@@ -129,7 +129,7 @@ class GroupMatesOptions(MatesOptions):
     relational_lr: float = 1e-2
     n_clusters: int = 8               # spherical k-means clusters over h(x)
     quota_mode: Literal["size", "influence"] = "influence"
-    quota_temperature: float = 1.0    # for quota_mode=influence: softmax(-mean pred / T) x size
+    quota_temperature: float = 0.5    # quota_mode=influence: size x softmax(-mean z(pred) / T); tau of MATES
     dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection
 
 

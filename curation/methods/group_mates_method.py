@@ -102,6 +102,7 @@ class GroupMatesMethod(MatesMethod):
         from curation import metadata
         from curation.clustering import spherical_kmeans
         from curation.group_select import select_per_cluster
+        from curation.selection import standardized
 
         opts = ctx.options
         t0 = time.perf_counter()
@@ -122,6 +123,12 @@ class GroupMatesMethod(MatesMethod):
             ctx.metrics["curation/group/duplicates_dropped"] = int((eligible == -1).sum())
         pool_rows = scores.filter(pa.array(eligible >= 0))
         budget = min(ctx.n_select, pool_rows.num_rows)
+        # Quotas weigh clusters by their mean *standardised* prediction, so quota_temperature is in
+        # units of the candidates' spread (as MATES' Gumbel tau is). On the raw outputs a model
+        # fitted with MSE to noisy labels predicts with a std of ~0.2 of its labels: at T = 1 every
+        # cluster got nearly its size's share and the selection stayed at the pool's mix.
+        pool_rows = pool_rows.set_column(1, "prediction", pa.array(standardized(
+            pool_rows.column("prediction").to_numpy())))
         quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
                                          temperature=opts.quota_temperature)
         mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
