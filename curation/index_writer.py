@@ -34,6 +34,11 @@ def stage_committed(run_url: str, stage: int) -> bool:
     return store_for(stage_url(run_url, stage)).exists("_SUCCESS")
 
 
+def read_stage_marker(run_url: str, stage: int) -> dict:
+    """The committed stage's `_SUCCESS` (what it selected, its timings and fit metrics)."""
+    return json.loads(store_for(stage_url(run_url, stage)).read_bytes("_SUCCESS"))
+
+
 def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage: int, method: str,
                       extra: dict | None = None, started: float | None = None,
                       train_seconds_expected: float | None = None) -> list[streams.StreamEntry]:

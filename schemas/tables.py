@@ -101,6 +101,28 @@ COMPARISON_RUNS = _schema("comparison_runs", [
     pa.field("train_seconds", pa.float64(), nullable=False),     # all stages
 ])
 
+# <comparison>/stages.parquet: one row per curated stage (k >= 1) of every `mates compare` run,
+# from the stage's `_SUCCESS`: how well the influence model fitted and what curation cost.
+COMPARISON_STAGES = _schema("comparison_stages", [
+    pa.field("method", pa.string(), nullable=False),            # the comparison entry (e.g. mates@frozen)
+    pa.field("seed", pa.int64(), nullable=False),
+    pa.field("stage", pa.int32(), nullable=False),
+    pa.field("target", pa.string(), nullable=True),             # the target set curation aimed at
+    pa.field("influence_spearman", pa.float64(), nullable=True),   # the influence model's, held-out probes
+    pa.field("relational_spearman", pa.float64(), nullable=True),  # Group-MATES' relational model's
+    pa.field("curation_seconds", pa.float64(), nullable=False),
+    pa.field("train_seconds", pa.float64(), nullable=True),     # the stage's measured training seconds
+    pa.field("curation_share_of_training", pa.float64(), nullable=True),  # curation / measured training
+])
+
+# <comparison>/audits.parquet: every run's stage audits (stages/<k>/audit.parquet), stacked.
+def _comparison_audits() -> pa.Schema:
+    return _schema("comparison_audits", [pa.field("method", pa.string(), nullable=False),
+                                         pa.field("seed", pa.int64(), nullable=False), *AUDIT])
+
+
+COMPARISON_AUDITS = _comparison_audits()
+
 # <data>/embeddings/<encoder-key>/part-*.parquet: the frozen encoder's pooled state per sample
 # (curation/embeddings.py). The width and float type are settings of the store (stamped in its
 # embeddings.json), so the schema is built per store; EMBEDDINGS is MiniLM's 384 x float32.
@@ -123,7 +145,8 @@ REFERENCE = _schema("reference", [
 ])
 
 ALL = {s.metadata[b"mates.table"].decode(): s
-       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, AUDIT, REFERENCE, COMPARISON_RUNS, EMBEDDINGS)}
+       for s in (CATALOG, PROBES, SCORES, SELECTION, METRICS, AUDIT, REFERENCE, COMPARISON_RUNS,
+                 COMPARISON_STAGES, COMPARISON_AUDITS, EMBEDDINGS)}
 
 
 def metrics_by_stage(rows: list[dict]) -> list[dict]:

@@ -1,0 +1,66 @@
+"""The comparison's summary and verdicts on hand-made runs and stage tables (no training)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from schemas import tables
+from training.compare import markdown_table, summarize, verdicts
+
+# final losses per (method, seed) on the primary (wiki_en) and the off-target (bbc_en) set
+FINALS = {
+    "random": [(6.00, 6.30), (6.02, 6.31), (6.04, 6.29)],        # primary mean 6.02, std 0.02
+    "dsir": [(5.90, 6.40), (5.92, 6.41), (5.91, 6.42)],          # best static: mean 5.91, std 0.01
+    "classifier": [(5.95, 6.35), (5.96, 6.36), (5.97, 6.37)],
+    "mates": [(5.915, 6.33), (5.925, 6.34), (5.920, 6.32)],      # 5.92 <= 5.91 + 0.01; bbc 6.33 < 6.41
+    "group_mates": [(5.99, 6.30), (6.00, 6.30), (6.01, 6.30)],   # gains 0.02 < 2 x 0.02: missed
+}
+
+
+def _runs() -> pa.Table:
+    rows = []
+    for method, finals in FINALS.items():
+        for seed, (primary, bbc) in enumerate(finals, start=17):
+            for eval_set, loss in (("wiki_en", primary), ("bbc_en", bbc)):
+                rows.append({"method": method, "seed": seed, "run": f"/r/{method}/{seed}", "eval_set": eval_set,
+                             "primary": eval_set == "wiki_en", "final_loss": loss, "tokens_seen": 1000,
+                             "tokens_to_random_final": None, "curated_tokens": 400,
+                             "curated_tokens_to_random_final": 150.0 if method == "mates" else None,
+                             "curation_seconds": 99.0, "train_seconds": 999.0})
+    return pa.Table.from_pylist(rows, schema=tables.COMPARISON_RUNS)
+
+
+def _stages() -> pa.Table:
+    rows = []
+    for seed in (17, 18, 19):
+        for stage, spearman in ((1, 0.62), (2, 0.48 if seed == 18 else 0.55), (3, 0.7)):
+            rows.append({"method": "mates", "seed": seed, "stage": stage, "target": "wiki_en",
+                         "influence_spearman": spearman, "relational_spearman": None,
+                         "curation_seconds": 30.0, "train_seconds": 60.0, "curation_share_of_training": 0.5})
+    rows.append({"method": "random", "seed": 17, "stage": 1, "target": None, "influence_spearman": None,
+                 "relational_spearman": None, "curation_seconds": 1.0, "train_seconds": 50.0,
+                 "curation_share_of_training": 0.02})
+    return tables.conform(pa.Table.from_pylist(rows, schema=tables.COMPARISON_STAGES), tables.COMPARISON_STAGES)
+
+
+def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
+    summary = summarize(_runs(), list(FINALS), _stages())
+    by = {s["method"]: s for s in summary}
+    assert abs(by["random"]["loss"]["wiki_en"][1] - 0.02) < 1e-12          # sample std (ddof 1)
+    assert by["mates"]["curation_share"] == (0.5, 0.0)                     # 90 s over 180 s curated training
+    assert by["random"]["curation_share"] == (0.02, 0.0)
+    assert by["mates"]["influence_spearman"] == (sum([0.62, 0.55, 0.7, 0.62, 0.48, 0.7, 0.62, 0.55, 0.7]) / 9, 0.48)
+    assert abs(by["mates"]["token_share"][0] - 150 / 400) < 1e-12
+    said = verdicts(summary, off_target=["bbc_en"])
+    text = "\n".join(said)
+    assert "mates vs random on wiki_en: final loss lower by +0.1000; target > 2 x random's seed std = 0.0400: met" in text
+    assert "group_mates vs random on wiki_en: final loss lower by +0.0200" in text and \
+        "std = 0.0400: MISSED" in said[1]
+    assert "group_mates 6.0000 vs mates 5.9200: MISSED (at least matches)." in text
+    assert "mates 5.9200 vs the best static baseline (dsir) 5.9100 + 1 std 0.0100 on wiki_en: met." in text
+    assert "mates 6.3300 vs dsir 6.4100 on the off-target bbc_en: met (better than it)." in text
+    assert "mates reaches random's final wiki_en loss with 38% of random's curated-stage tokens; target <= 50%: met." \
+        in text
+    assert "held-out Spearman 0.62 on average, 0.48 at its worst boundary; target >= 0.5 at every boundary: MISSED" \
+        in text
+    table = markdown_table(summary)
+    assert "| mates | 3 | 5.9200 ± 0.0050 | -0.1000 | 6.3300 ± 0.0100 | 38% ± 0% | 50% ± 0% | 0.62, 0.48 |" in table
