@@ -64,3 +64,34 @@ def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
         in text
     table = markdown_table(summary)
     assert "| mates | 3 | 5.9200 ± 0.0050 | -0.1000 | 6.3300 ± 0.0100 | 38% ± 0% | 50% ± 0% | 0.62, 0.48 |" in table
+
+
+def test_a_failed_run_does_not_stop_the_others(monkeypatch):
+    """Hours of finished runs stay useful: a failure is reported, the other runs still run, and a
+    failed warm-up skips only its own seed's runs."""
+    from types import SimpleNamespace
+
+    from schemas.errors import MatesError
+    from training import compare
+
+    ran = []
+
+    def fake_run(spec, threads, until_stage=None):
+        ran.append(spec.label)
+        if spec.label in ("seed-17-mates", "seed-18-warmup"):
+            raise MatesError(f"run {spec.label} failed (exit 1): boom")
+        return 1.0
+
+    monkeypatch.setattr(compare, "run_process", fake_run)
+    monkeypatch.setattr(compare, "finished", lambda recipe: False)
+    monkeypatch.setattr(compare, "fork_warmup", lambda warmup, run: None)
+    monkeypatch.setattr(compare, "read_parquet", lambda *a: pa.table({"stage": [1], "eval_set": ["e"], "loss": [1.0]}))
+    no_state = SimpleNamespace(exists=lambda name: False)
+    monkeypatch.setattr(compare, "store_for", lambda url: no_state)
+    specs = [compare.RunSpec(m, seed, SimpleNamespace(checkpoint_url=f"/c/{seed}/{m}", run=f"/r/{seed}/{m}"), "", "")
+             for seed in (17, 18) for m in ("warmup", "mates", "random")]
+    logged = []
+    failures = compare.run_all(specs, jobs=1, log=logged.append)
+    assert failures == ["run seed-17-mates failed (exit 1): boom", "run seed-18-warmup failed (exit 1): boom"]
+    assert sorted(ran) == ["seed-17-mates", "seed-17-random", "seed-17-warmup", "seed-18-warmup"]
+    assert any("seed-17-random: final loss e 1.0000" in line for line in logged)

@@ -172,8 +172,9 @@ def finished(recipe: Recipe) -> bool:
         store_for(recipe.run).exists("metrics.parquet")
 
 
-def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
-    """Warm-ups first; each seed's method runs start as soon as its warm-up is done."""
+def run_all(specs: list[RunSpec], jobs: int, log=print) -> list[str]:
+    """Warm-ups first; each seed's method runs start as soon as its warm-up is done. A failed run
+    does not stop the others (hours of finished work stay useful); returns one line per failure."""
     if jobs < 1:
         raise MatesError(f"`--jobs` must be >= 1; got {jobs}.")
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -181,7 +182,7 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
     rank = {m: i for i, m in enumerate(COST_ORDER)}
     todo = sorted((s for s in specs if s.method != WARMUP and not finished(s.recipe)),
                   key=lambda s: (rank.get(s.method.partition("@")[0], 0), s.seed))
-    total, done, started = len(todo), 0, time.perf_counter()
+    total, done, started, failures = len(todo), 0, time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running, ready = {}, set()
         for seed, spec in warmups.items():
@@ -201,7 +202,13 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
             finished_now, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for future in finished_now:
                 spec = running.pop(future)
-                seconds = future.result()  # a failed run stops the comparison with its log's last line
+                if future.exception() is not None:  # the others go on; a rerun retries this one
+                    failures.append(str(future.exception()))
+                    log(f"compare: {failures[-1]}")
+                    if spec.method == WARMUP:  # nothing of this seed can start
+                        todo[:] = [s for s in todo if s.seed != spec.seed]
+                    continue
+                seconds = future.result()
                 if spec.method == WARMUP:
                     ready.add(spec.seed)
                     log(f"compare: {spec.label} (stage 0) done in {seconds:.0f} s")
@@ -213,6 +220,7 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> None:
                     log(f"compare: [{done}/{total}] {spec.label}: final loss {finals} "
                         f"in {seconds:.0f} s ({time.perf_counter() - started:.0f} s elapsed)")
             submit_ready()
+    return failures
 
 
 # ---------------------------------------------------------------- the table
@@ -450,7 +458,11 @@ def compare(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int,
     if "://" in out:
         raise MatesError(f"`--out` must be a local folder (the runs inside may use any store); got {out!r}.")
     specs = plan(recipe_file, overrides, methods, n_seeds, out)
-    run_all(specs, jobs, log=log)
+    failures = run_all(specs, jobs, log=log)
     runs, metrics = collect(specs)
-    return write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs),
+    text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs),
                          off_target_sets(specs[0].recipe))
+    if failures:  # the table holds the finished runs; the same command retries the rest
+        raise MatesError(f"{len(failures)} run(s) failed, the table covers the finished ones; run the same "
+                         f"command again to retry them. First: {failures[0]}")
+    return text

@@ -9,7 +9,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import random
 import tempfile
+import time
 
 import torch
 from torch.utils.data import DataLoader
@@ -48,9 +50,27 @@ def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuf
     # Object stores fail transiently (500/503, resets); streaming retries each shard download.
     stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop, download_retry=6)
                    for url, prop in streams]
-    return StreamingDataset(streams=stream_objs, batch_size=batch_size, shuffle=shuffle,
-                            shuffle_seed=seed, epoch_size=epoch_size, replication=None,
-                            allow_unsafe_types=False)
+    for attempt in range(SHM_ATTEMPTS):
+        try:
+            return StreamingDataset(streams=stream_objs, batch_size=batch_size, shuffle=shuffle,
+                                    shuffle_seed=seed, epoch_size=epoch_size, replication=None,
+                                    allow_unsafe_types=False)
+        except FileExistsError:
+            # Another process (a concurrent run of `mates compare --jobs N`) registered the same
+            # shared-memory prefix between streaming's search and its create, or its stale-memory
+            # sweep probed that name at that instant. Search again: the prefix is taken now. A
+            # multi-rank job cannot retry on one rank alone (streaming's barriers would disagree).
+            if attempt + 1 == SHM_ATTEMPTS or _world_size() > 1:
+                raise
+            time.sleep(0.2 + random.random())
+
+
+SHM_ATTEMPTS = 5
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
+        torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def mds_loader(dataset, *, batch_size: int, pad_id: int, num_workers: int = 0) -> DataLoader:
