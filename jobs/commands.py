@@ -123,7 +123,7 @@ def cmd_compare(args) -> int:
     command = (f"mates compare {args.recipe} --methods {args.methods} --seeds {args.seeds} "
                f"--jobs {args.jobs} --out {args.out}{sets}")
     text = compare(recipe_path(args.recipe), args.set, parse_methods(args.methods), args.seeds, args.out,
-                   jobs=args.jobs, command=command, log=log)
+                   jobs=args.jobs, command=command, log=log, run=not args.table_only)
     print(text)
     return 0
 

@@ -454,11 +454,12 @@ def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str
 
 
 def compare(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, out: str, *, jobs: int = 1,
-            command: str = "", log=print) -> str:
+            command: str = "", log=print, run: bool = True) -> str:
+    """Run what is missing (`run`), then write the table of every finished run."""
     if "://" in out:
         raise MatesError(f"`--out` must be a local folder (the runs inside may use any store); got {out!r}.")
     specs = plan(recipe_file, overrides, methods, n_seeds, out)
-    failures = run_all(specs, jobs, log=log)
+    failures = run_all(specs, jobs, log=log) if run else []
     runs, metrics = collect(specs)
     text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs),
                          off_target_sets(specs[0].recipe))
