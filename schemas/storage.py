@@ -53,7 +53,24 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+# What an S3 client is made from: the endpoint and credential variables (read at each call, so a
+# changed environment gets a new client). Shell out to a new process and it gets its own.
+_S3_CLIENT_VARS = (*_S3_ENDPOINT_VARS, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                   "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION")
+_S3_FILESYSTEMS: dict = {}
+
+
 def _s3_filesystem():
+    """One filesystem per process and client settings: making an S3 client costs ~0.5 s of CPU
+    (botocore loads its service model), which a new one per `store_for` paid on every call."""
+    key = (os.getpid(), *(os.environ.get(var) for var in _S3_CLIENT_VARS))
+    fs = _S3_FILESYSTEMS.get(key)
+    if fs is None:
+        fs = _S3_FILESYSTEMS[key] = _new_s3_filesystem()
+    return fs
+
+
+def _new_s3_filesystem():
     import s3fs
 
     client_kwargs = {}

@@ -82,7 +82,44 @@ def ingest_corpus(corpus: str, data: str, recipe, **kw):
                   targets=targets, evals=evals, **kw)
 
 
-def mates(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def mates(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the `mates` CLI's `main` in this process, as `mates ARGS...` would (same parser, same
+    handlers, same exit status), with `env` set for the call only; stdout and stderr captured.
+
+    In-process because a child pays the torch / Composer imports (seconds) on every call. Tests
+    about a process (a SIGKILL, the `composer -n 2` launcher) use `mates_process` instead."""
+    import contextlib
+    import io
+    import traceback
+
+    from jobs.cli import main
+
+    if env and "MATES_FAILPOINT" in env:
+        raise ValueError("MATES_FAILPOINT kills the process it is in: use `mates_process`.")
+    # text streams over bytes: `mates query --csv -` writes to sys.stdout.buffer
+    out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True) for _ in range(2))
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:  # what the interpreter would print before exiting 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    text = [stream.buffer.getvalue().decode("utf-8", errors="replace") for stream in (out, err)]
+    return subprocess.CompletedProcess(["mates", *args], code, *text)
+
+
+def mates_process(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run the `mates` CLI in a child process, as a user would."""
     return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})

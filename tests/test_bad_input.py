@@ -36,10 +36,14 @@ def tree_digest(root: str) -> dict:
     return out
 
 
+# The corrupted-run cases fail before any training: short stages make the run they corrupt cheap.
+SHORT = "stages.batches=[6, 4]"
+
+
 @pytest.fixture(scope="module")
 def finished_run(local_pool, tmp_path_factory):
     run = str(tmp_path_factory.mktemp("run") / "run")
-    assert main(["run", MICRO_RECIPE, "--set", f"data={local_pool}", "--set", f"run={run}"]) == 0
+    assert main(["run", MICRO_RECIPE, "--set", f"data={local_pool}", "--set", f"run={run}", "--set", SHORT]) == 0
     return run
 
 
@@ -132,7 +136,7 @@ def test_streams_file_with_bad_proportion(capsys, local_pool, run_copy, proporti
     with open(path, "w") as handle:
         handle.write(json.dumps(manifest))  # json writes NaN as the bare token NaN
     before = tree_digest(run_copy)
-    code, err = run_micro(capsys, local_pool, run_copy)
+    code, err = run_micro(capsys, local_pool, run_copy, SHORT)
     assert_one_line_error(code, err, "streams.json", "proportion")
     assert tree_digest(run_copy) == before
 
@@ -142,14 +146,14 @@ def test_streams_path_escaping_the_index(capsys, local_pool, run_copy):
     manifest = json.load(open(path))
     manifest["streams"][0]["path"] = "../../../../etc"
     json.dump(manifest, open(path, "w"))
-    code, err = run_micro(capsys, local_pool, run_copy)
+    code, err = run_micro(capsys, local_pool, run_copy, SHORT)
     assert_one_line_error(code, err, "streams.json", "plain relative name")
 
 
 def test_streams_file_not_json(capsys, local_pool, run_copy):
     with open(os.path.join(run_copy, "stages", "1", "index", "streams.json"), "w") as handle:
         handle.write("{not json")
-    code, err = run_micro(capsys, local_pool, run_copy)
+    code, err = run_micro(capsys, local_pool, run_copy, SHORT)
     assert_one_line_error(code, err, "streams.json", "not valid JSON")
 
 
@@ -157,7 +161,7 @@ def test_checkpoint_that_is_not_a_checkpoint(capsys, local_pool, run_copy):
     with open(os.path.join(run_copy, "checkpoints", "stage-0-state.pt"), "wb") as handle:
         handle.write(b"this is not a checkpoint")
     before = tree_digest(run_copy)
-    code, err = run_micro(capsys, local_pool, run_copy)
+    code, err = run_micro(capsys, local_pool, run_copy, SHORT)
     assert_one_line_error(code, err, "stage-0-state.pt", "not a probe state")
     assert tree_digest(run_copy) == before
 

@@ -69,9 +69,11 @@ def test_tokens_to_reach_interpolates_between_evaluations():
 # ---------------------------------------------------------------- compare + report
 @pytest.fixture(scope="module")
 def comparison(local_pool, tmp_path_factory):
+    """Ten runs (2 warm-ups, 4 methods x 2 seeds), each its own process: short stages (8 + 4 batches)
+    since what is compared here is the bookkeeping, not how far the micro model gets."""
     out = str(tmp_path_factory.mktemp("compare"))
     args = ["compare", MICRO_RECIPE, "--methods", METHODS, "--seeds", "2", "--jobs", "2", "--out", out,
-            "--set", f"data={local_pool}", "--set", "stages.pool_per_stage=300"]
+            "--set", f"data={local_pool}", "--set", "stages.pool_per_stage=300", "--set", "stages.batches=[8, 4]"]
     result = mates(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return out, args, result

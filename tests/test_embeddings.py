@@ -85,17 +85,18 @@ def test_killed_pass_resumes_without_recomputing_finished_parts(local_pool, tmp_
     """`mates embed` SIGKILLed after its first part; the next pass computes only the rest."""
     import shutil
 
+    from tests.conftest import mates, mates_process
+
     data = str(tmp_path / "data")  # a copy of the pool, so the store starts empty
     shutil.copytree(local_pool, data, ignore=shutil.ignore_patterns("embeddings"))
     opts = "stages.options={encoder_layers: 1, encoder_max_len: 32}"
-    cmd = [sys.executable, "-m", "jobs.cli", "embed", "--recipe", "micro", "--data", data, "--set",
-           f"stages.method=mates", "--set", opts, "--limit", "48", "--part-size", "16"]
-    killed = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "MATES_FAILPOINT": "embed"})
+    args = ["embed", "--recipe", "micro", "--data", data, "--set", "stages.method=mates", "--set", opts,
+            "--limit", "48", "--part-size", "16"]
+    killed = mates_process(*args, env={"MATES_FAILPOINT": "embed"}, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = EmbeddingStore(data, SETTINGS)
     assert len(store.parts()) == 1 and np.array_equal(store.stored_ids(), np.arange(16))
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    done = mates(*args)  # the next pass, in this process
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     assert (stats["computed"], stats["reused"], stats["parts_written"]) == (32, 16, 2)

@@ -10,9 +10,9 @@ from tests.fault_proxy import FaultProxy
 pytestmark = pytest.mark.slow
 
 
-def _run_through(endpoint: str, data: str, run: str):
+def _run_through(endpoint: str, data: str, run: str, *extra: str):
     env = {"AWS_ENDPOINT_URL_S3": endpoint, "S3_ENDPOINT_URL": endpoint}
-    return mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run}", env=env)
+    return mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run}", *extra, env=env)
 
 
 def test_ten_percent_failures_change_nothing(clean_run, s3_pool, s3_server):
@@ -42,14 +42,15 @@ def test_store_down_for_good_then_resume(s3_pool, s3_server):
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-outage")
     run = "s3://mates-run-outage/run"
+    short = ("--set", "stages.batches=[4, 2]")  # the outage and the resume, not the training, are tested
     with FaultProxy(s3_server, failure_rate=1.0, kinds=("503",)) as proxy:
-        result = _run_through(proxy.url, s3_pool, run)
+        result = _run_through(proxy.url, s3_pool, run, *short)
     assert result.returncode == 2, result.stderr[-2000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("mates: error:")]
     assert len(error) == 1 and "s3://mates-" in error[0], result.stderr[-2000:]
     assert not store_for(run).exists("stages", "0", "_SUCCESS")
 
-    result = _run_through(s3_server, s3_pool, run)  # the store is back
+    result = _run_through(s3_server, s3_pool, run, *short)  # the store is back
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted({m["stage"] for m in read_parquet(run, "metrics.parquet").to_pylist()}) == [-1, 0, 1]
     assert os.environ["AWS_ENDPOINT_URL_S3"] == s3_server

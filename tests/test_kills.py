@@ -11,17 +11,23 @@ from curation.failpoints import NAMES
 from curation.index_writer import read_stage_streams
 from schemas.errors import MatesError
 from schemas.storage import join, read_parquet
-from tests.conftest import MICRO_RECIPE, mates
+from tests.conftest import MICRO_RECIPE, mates, mates_process
 
 pytestmark = pytest.mark.slow
-OPTIONS = ("stages.options={n_probes: 32, probe_batch: 16, encoder_layers: 1, encoder_max_len: 48, "
-           "epochs: 1, max_target: 16, batch_size: 16}")
+# Every run after the first re-probes stage 1, so few probes on few target examples (16 probes:
+# the influence model's least, 10, plus room for its held-out split). Shorter than the micro
+# recipe's stages (30 + 20 batches, 400 candidates): the kills only need stage 0 to train past
+# batch 2 and stage 1 to curate with every phase reached.
+OPTIONS = ("stages.options={n_probes: 16, probe_batch: 16, encoder_layers: 1, encoder_max_len: 32, "
+           "epochs: 1, max_target: 8, batch_size: 16}")
+SMALL = ("--set", "stages.batches=[8, 4]", "--set", "stages.pool_per_stage=200")
 
 
 def run(data: str, run_url: str, failpoint: str | None = None):
-    env = {"MATES_FAILPOINT": failpoint} if failpoint else {}
-    return mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run_url}",
-                 "--set", "stages.method=mates", "--set", OPTIONS, env=env)
+    """`mates run`: killed at `failpoint` in a child process, or in this process when there is none."""
+    args = ("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={run_url}",
+            "--set", "stages.method=mates", "--set", OPTIONS, *SMALL)
+    return mates_process(*args, env={"MATES_FAILPOINT": failpoint}) if failpoint else mates(*args)
 
 
 def committed(run_url: str) -> list[int]:
@@ -32,7 +38,8 @@ def committed(run_url: str) -> list[int]:
 
 def test_kill_at_every_phase_then_resume(local_pool, tmp_path):
     clean = str(tmp_path / "clean")
-    assert run(local_pool, clean).returncode == 0
+    result = run(local_pool, clean)
+    assert result.returncode == 0, result.stderr[-3000:]
     killed = str(tmp_path / "killed")
     for phase in NAMES:
         result = run(local_pool, killed, phase)
@@ -45,7 +52,8 @@ def test_kill_at_every_phase_then_resume(local_pool, tmp_path):
             assert os.path.exists(os.path.join(killed, "stages", "1", "index", "streams.json"))
             with pytest.raises(MatesError, match="not committed"):
                 read_stage_streams(killed, 1)  # what `mates run` trains from
-    assert run(local_pool, killed).returncode == 0
+    result = run(local_pool, killed)
+    assert result.returncode == 0, result.stderr[-3000:]
     assert committed(killed) == [0, 1]
     for stage in (0, 1):
         a = read_parquet(join(clean, "stages", str(stage)), "selection.parquet")

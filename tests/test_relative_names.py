@@ -35,7 +35,7 @@ def test_every_command_takes_bare_relative_names(micro_corpus, tmp_path, monkeyp
     assert json.load(open("data/tokenizer/tokenizer.json"))["model"]["vocab"] == \
         json.load(open("tokenizer.json"))["model"]["vocab"]
 
-    assert main(["run", "micro.yaml", "--set", "data=data", "--set", "run=run"]) == 0
+    assert main(["run", "micro.yaml", "--set", "data=data", "--set", "run=run", "--set", "stages.batches=[4, 2]"]) == 0
     assert os.path.exists("run/stages/1/_SUCCESS") and os.path.exists("run/checkpoints/stage-1-state.pt")
     assert main(["curate", "--run", "run", "--stage", "1"]) == 0
     capsys.readouterr()

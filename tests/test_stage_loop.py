@@ -111,6 +111,12 @@ def test_other_recipe_in_same_run_is_refused(clean_run, s3_pool):
     assert result.returncode == 2 and "another recipe" in result.stderr
 
 
+# What the launcher test needs of `mates`: a probed, fitted influence model to score with (rank 0
+# probes alone, so few probes on few target examples; the quality of the fit is test_mates_e2e's).
+DDP_OPTIONS = ("stages.options={n_probes: 24, probe_batch: 12, encoder_layers: 1, encoder_max_len: 64, "
+               "epochs: 1, max_target: 8, batch_size: 16}")
+
+
 def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
     """`composer -n 2` runs the loop with gloo and `method: mates`: rank 0 probes and fits, each
     rank scores its half of the candidates into its own part, rank 0 selects and writes the index."""
@@ -119,19 +125,18 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
     from curation.influence_model import InfluenceModel
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.scoring import score_samples
-    from tests.test_mates_e2e import MATES_OPTIONS
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-ddp")
     run = "s3://mates-run-ddp/run"
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     result = subprocess.run([composer, "-n", "2", "--master_port", str(free_port()), "-m", "jobs.cli", "run",
                              MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
-                             "--set", "stages.method=mates", "--set", MATES_OPTIONS],
+                             "--set", "stages.method=mates", "--set", DDP_OPTIONS, "--set", "stages.batches=[8, 4]"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     metrics = read_parquet(run, "metrics.parquet").to_pylist()
     assert [m["stage"] for m in metrics if m["eval_set"] == "wiki_en"] == [-1, 0, 1]
-    assert metrics[-1]["batches_seen"] == 50
+    assert metrics[-1]["batches_seen"] == 12
     # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
     wiki = [m["loss"] for m in metrics if m["eval_set"] == "wiki_en"]
     assert wiki[-1] < wiki[0]
