@@ -132,9 +132,23 @@ def test_compare_again_runs_nothing(comparison):
     out, args, _ = comparison
     marker = os.path.join(out, "runs", "seed-17", "dsir", "stages", "1", "_SUCCESS")
     before = os.stat(marker).st_mtime_ns
+    table = open(os.path.join(out, "comparison.md")).read()
     result = mates(*args)
     assert result.returncode == 0 and "compare: [" not in result.stderr
     assert os.stat(marker).st_mtime_ns == before
+    # --table-only with one more entry: trains nothing, the table holds the finished runs only
+    result = mates(*[a if a != METHODS else METHODS + ",mates@frozen" for a in args], "--table-only")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert not os.path.exists(os.path.join(out, "runs", "seed-17", "mates@frozen"))
+    rows = lambda text: [line for line in text.splitlines() if line.startswith(("|", "- "))]  # noqa: E731
+    assert rows(open(os.path.join(out, "comparison.md")).read()) == rows(table) and "| mates@frozen |" not in table
+    stages = pq.read_table(os.path.join(out, "stages.parquet")).to_pylist()
+    assert sorted((r["method"], r["seed"]) for r in stages) == sorted(
+        (m, s) for m in METHODS.split(",") for s in (17, 18))
+    assert all(r["stage"] == 1 and r["curation_seconds"] > 0 and r["train_seconds"] > 0 for r in stages)
+    assert all((r["influence_spearman"] is not None) == r["method"].startswith("mates") for r in stages)
+    audits = pq.read_table(os.path.join(out, "audits.parquet")).to_pylist()
+    assert {(r["method"], r["seed"]) for r in audits} == {(r["method"], r["seed"]) for r in stages}
 
 
 def _assert_valid_pngs(page: str) -> list[str]:
