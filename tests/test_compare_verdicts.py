@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 
 from schemas import tables
 from training.compare import markdown_table, summarize, verdicts
@@ -62,6 +63,9 @@ def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
         in text
     assert "held-out Spearman 0.62 on average, 0.48 at its worst boundary; target >= 0.5 at every boundary: MISSED" \
         in text
+    one_seed = _runs().filter(pa.compute.invert(pa.compute.and_(
+        pa.compute.equal(_runs().column("method"), "random"), pa.compute.greater(_runs().column("seed"), 17))))
+    assert "std = 0.0000: not judged yet (random has one seed: no std)" in verdicts(summarize(one_seed, list(FINALS)))[0]
     table = markdown_table(summary)
     assert "| mates | 3 | 5.9200 ± 0.0050 | -0.1000 | 6.3300 ± 0.0100 | 38% ± 0% | 50% ± 0% | 0.62, 0.48 |" in table
 
@@ -92,6 +96,6 @@ def test_a_failed_run_does_not_stop_the_others(monkeypatch):
              for seed in (17, 18) for m in ("warmup", "mates", "random")]
     logged = []
     failures = compare.run_all(specs, jobs=1, log=logged.append)
-    assert failures == ["run seed-17-mates failed (exit 1): boom", "run seed-18-warmup failed (exit 1): boom"]
+    assert sorted(failures) == ["run seed-17-mates failed (exit 1): boom", "run seed-18-warmup failed (exit 1): boom"]
     assert sorted(ran) == ["seed-17-mates", "seed-17-random", "seed-17-warmup", "seed-18-warmup"]
     assert any("seed-17-random: final loss e 1.0000" in line for line in logged)

@@ -397,8 +397,10 @@ def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
     out = []
     for m in (m for m in MODEL_AWARE if m in by):
         gain = rc - loss(m)[0]
+        judged = ("not judged yet (random has one seed: no std)" if by["random"]["seeds"] < 2 else
+                  "met" if gain > 2 * rs else "MISSED")
         out.append(f"{m} vs random on {primary}: final loss lower by {gain:+.4f}; target > 2 x random's seed "
-                   f"std = {2 * rs:.4f}: {'met' if gain > 2 * rs else 'MISSED'}.")
+                   f"std = {2 * rs:.4f}: {judged}.")
     for group, single in (("group_mates", "mates"), ("group_mates@frozen", "mates@frozen")):
         if group in by and single in by:
             gm, m = loss(group)[0], loss(single)[0]
