@@ -56,7 +56,11 @@ def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
     assert "mates vs random on wiki_en: final loss lower by +0.1000; target > 2 x random's seed std = 0.0400: met" in text
     assert "group_mates vs random on wiki_en: final loss lower by +0.0200" in text and \
         "std = 0.0400: MISSED" in said[1]
-    assert "group_mates 6.0000 vs mates 5.9200: MISSED (at least matches)." in text
+    assert "group_mates 6.0000 vs mates 5.9200 on the 3 seed(s) both finished: MISSED (at least matches)." in text
+    two_seeds = _runs().filter(pa.compute.invert(pa.compute.and_(
+        pa.compute.equal(_runs().column("method"), "group_mates"), pa.compute.less(_runs().column("seed"), 19))))
+    assert "group_mates 6.0100 vs mates 5.9200 on the 1 seed(s) both finished" in "\n".join(
+        verdicts(summarize(two_seeds, list(FINALS))))
     assert "mates 5.9200 vs the best static baseline (dsir) 5.9100 + 1 std 0.0100 on wiki_en: met." in text
     assert "mates 6.3300 vs dsir 6.4100 on the off-target bbc_en: met (better than it)." in text
     assert "mates reaches random's final wiki_en loss with 38% of random's curated-stage tokens; target <= 50%: met." \
