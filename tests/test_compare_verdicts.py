@@ -61,6 +61,9 @@ def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
         pa.compute.equal(_runs().column("method"), "group_mates"), pa.compute.less(_runs().column("seed"), 19))))
     assert "group_mates 6.0100 vs mates 5.9200 on the 1 seed(s) both finished" in "\n".join(
         verdicts(summarize(two_seeds, list(FINALS))))
+    apart = two_seeds.filter(pa.compute.invert(pa.compute.and_(
+        pa.compute.equal(two_seeds.column("method"), "mates"), pa.compute.equal(two_seeds.column("seed"), 19))))
+    assert "group_mates vs mates: not judged yet (no seed finished by both)." in verdicts(summarize(apart, list(FINALS)))
     assert "mates 5.9200 vs the best static baseline (dsir) 5.9100 + 1 std 0.0100 on wiki_en: met." in text
     assert "mates 6.3300 vs dsir 6.4100 on the off-target bbc_en: met (better than it)." in text
     assert "mates reaches random's final wiki_en loss with 38% of random's curated-stage tokens; target <= 50%: met." \
