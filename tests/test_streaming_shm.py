@@ -28,7 +28,7 @@ def test_a_lost_shared_memory_race_is_retried(monkeypatch, tmp_path):
     with pytest.raises(FileExistsError):
         data.streaming_dataset([(str(tmp_path), None)], batch_size=4, shuffle=False, seed=0)
     calls.clear()
-    monkeypatch.setattr(data, "_world_size", lambda: 2)  # no retry on one rank of a multi-rank job
+    monkeypatch.setattr(data.dist_utils, "world_size", lambda: 2)  # no retry on one rank of a multi-rank job
     with pytest.raises(FileExistsError):
         data.streaming_dataset([(str(tmp_path), None)], batch_size=4, shuffle=False, seed=0)
     assert len(calls) == 1

@@ -284,16 +284,19 @@ def collect(specs: list[RunSpec]) -> tuple[pa.Table, pa.Table]:
             tables.conform(pa.Table.from_pylist(metrics, schema=COMPARISON_METRICS), COMPARISON_METRICS))
 
 
-def collect_stages(specs: list[RunSpec]) -> tuple[pa.Table, pa.Table]:
-    """(one row per curated stage of every finished run: fit quality and costs, every stage audit)."""
+def collect_stages(specs: list[RunSpec], metrics: pa.Table) -> tuple[pa.Table, pa.Table]:
+    """(one row per curated stage of every finished run: fit quality and costs, every stage audit);
+    `metrics`: `collect`'s per-stage metrics of the finished runs."""
     from curation.index_writer import read_stage_marker
 
+    per_run: dict[tuple, list] = {}
+    for r in metrics.to_pylist():
+        per_run.setdefault((r["method"], r["seed"]), []).append(r)
     stages, audits = [], []
     for spec in specs:
-        if spec.method == WARMUP or not finished(spec.recipe):
+        if (spec.method, spec.seed) not in per_run:  # the warm-ups, and runs not finished
             continue
-        by_stage = {r["stage"]: r for r in tables.metrics_by_stage(
-            read_parquet(spec.recipe.run, "metrics.parquet").to_pylist())}
+        by_stage = {r["stage"]: r for r in tables.metrics_by_stage(per_run[spec.method, spec.seed])}
         for k in range(1, spec.recipe.stages.count):
             marker, row = read_stage_marker(spec.recipe.run, k), by_stage.get(k, {})
             train = row.get("train_seconds")
@@ -469,7 +472,7 @@ def compare(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int,
     specs = plan(recipe_file, overrides, methods, n_seeds, out)
     failures = run_all(specs, jobs, log=log) if run else []
     runs, metrics = collect(specs)
-    text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs),
+    text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs, metrics),
                          off_target_sets(specs[0].recipe))
     if failures:  # the table holds the finished runs; the same command retries the rest
         raise MatesError(f"{len(failures)} run(s) failed, the table covers the finished ones; run the same "

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from curation.batching import collate_samples
 from schemas.errors import MatesError
+from training import dist_utils
 from schemas.storage import export_endpoint_for_streaming, is_remote, store_for
 
 CACHE_ROOT = os.environ.get("MATES_STREAMING_CACHE") or os.path.join(tempfile.gettempdir(), "mates-streaming")
@@ -60,17 +61,12 @@ def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuf
             # shared-memory prefix between streaming's search and its create, or its stale-memory
             # sweep probed that name at that instant. Search again: the prefix is taken now. A
             # multi-rank job cannot retry on one rank alone (streaming's barriers would disagree).
-            if attempt + 1 == SHM_ATTEMPTS or _world_size() > 1:
+            if attempt + 1 == SHM_ATTEMPTS or dist_utils.world_size() > 1:
                 raise
             time.sleep(0.2 + random.random())
 
 
 SHM_ATTEMPTS = 5
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_available() and \
-        torch.distributed.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def mds_loader(dataset, *, batch_size: int, pad_id: int, num_workers: int = 0) -> DataLoader:
