@@ -127,8 +127,8 @@ class GroupMatesMethod(MatesMethod):
         # units of the candidates' spread (as MATES' Gumbel tau is). On the raw outputs a model
         # fitted with MSE to noisy labels predicts with a std of ~0.2 of its labels: at T = 1 every
         # cluster got nearly its size's share and the selection stayed at the pool's mix.
-        pool_rows = pool_rows.set_column(1, "prediction", pa.array(standardized(
-            pool_rows.column("prediction").to_numpy())))
+        pool_rows = pool_rows.set_column(pool_rows.schema.get_field_index("prediction"), "prediction",
+                                         pa.array(standardized(pool_rows.column("prediction").to_numpy())))
         quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
                                          temperature=opts.quota_temperature)
         mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
