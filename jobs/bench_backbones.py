@@ -2,7 +2,13 @@
 same probes (a committed stage's probes.parquet, the same 90/10 split for the same seed), with
 their held-out Spearman and seconds. The finetuned model is fitted from the pretrained MiniLM
 (no warm start from an earlier stage), so stage 1 matches what a run fits and later stages are
-the cold-start figure."""
+the cold-start figure.
+
+Two figures say how far to trust those held-out numbers: `frozen.cv_spearman`, the frozen head's
+5-fold Spearman on probes that neither fitted it nor picked its epoch (the held-out figure is the
+best of `head_epochs` epochs on the very split it is scored on), and, on a run with an influence
+model at the stage before, `previous_model_spearman`: that model, unchanged, on this stage's
+probes (where a warm start begins; how much the oracle's preferences moved between boundaries)."""
 from __future__ import annotations
 
 import time
@@ -15,7 +21,9 @@ from schemas.errors import MatesError
 def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.embeddings import EmbeddingSettings, EmbeddingStore
-    from curation.frozen_head import fit_frozen_head
+    from curation.frozen_head import cross_validated_spearman, fit_frozen_head
+    from curation.fit_utils import spearman
+    from curation.influence_model import InfluenceModel
     from curation.index_writer import stage_committed, stage_url
     from curation.influence_model import fit_influence_model
     from curation.pool import MDSFolder
@@ -35,8 +43,9 @@ def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     seed = recipe.seed + stage  # what the stage job seeds both fits (and so the split) with
     pool, tokenizer = MDSFolder(join(recipe.data, "pool")), load_pool_tokenizer(recipe.data)
 
+    texts = pool_texts(pool, ids, tokenizer)
     t0 = time.perf_counter()
-    _, finetune = fit_influence_model(pool_texts(pool, ids, tokenizer), labels, options=opts, seed=seed,
+    _, finetune = fit_influence_model(texts, labels, options=opts, seed=seed,
                                       freeze_word_embeddings=opts.freeze_word_embeddings, log=log)
     finetune_s = time.perf_counter() - t0
     store = EmbeddingStore(recipe.data, EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype))
@@ -45,10 +54,16 @@ def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     _, frozen = fit_frozen_head(store.load(ids), labels, epochs=opts.head_epochs, lr=opts.head_lr,
                                 batch_size=opts.head_batch_size, seed=seed, log=log)
     frozen_s = time.perf_counter() - t0
+    cv = cross_validated_spearman(store.load(ids), labels, epochs=opts.head_epochs, lr=opts.head_lr,
+                                  batch_size=opts.head_batch_size, seed=seed)
+    previous = join(stage_url(run_url, stage - 1), "influence_model")
+    carried = None
+    if stage > 1 and store_for(previous).exists("influence_model.json"):
+        carried = spearman(InfluenceModel.from_pretrained(previous).predict_texts(texts), labels)
     return {"run": run_url, "stage": stage, "probes": int(len(ids)), "probe_method": probes.column("method")[0].as_py(),
             "finetune": {"val_spearman": finetune["val_spearman"], "best_epoch": finetune["best_epoch"],
                          "epochs": finetune["epochs_run"], "seconds": finetune_s},
             "frozen": {"val_spearman": frozen["val_spearman"], "best_epoch": frozen["best_epoch"],
                        "epochs": frozen["epochs_run"], "seconds": frozen_s,
-                       "embedded_first": stats["computed"], "embed_seconds": stats["seconds"]},
-            "val_size": frozen["val_size"]}
+                       "embedded_first": stats["computed"], "embed_seconds": stats["seconds"], **cv},
+            "previous_model_spearman": carried, "val_size": frozen["val_size"]}

@@ -15,7 +15,7 @@ import torch
 
 from curation.data.tokenizer import load_pool_tokenizer
 from curation.embeddings import STAMP, EmbeddingSettings, EmbeddingStore
-from curation.frozen_head import FrozenHead, fit_frozen_head
+from curation.frozen_head import FrozenHead, cross_validated_spearman, fit_frozen_head
 from curation.influence_model import InfluenceModel
 from curation.pool import MDSFolder
 from curation.scoring import pool_texts
@@ -143,6 +143,19 @@ def test_frozen_head_learns_and_scores_as_one_matrix_product(tmp_path):
     assert (loaded.label_mean, loaded.label_std) == (metrics["label_mean"], metrics["label_std"])
     with pytest.raises(MatesError, match="at least 10"):
         fit_frozen_head(emb[:5], labels[:5], epochs=1, lr=1e-3, batch_size=4, seed=0)
+
+
+def test_cross_validated_spearman_scores_only_probes_the_head_never_saw():
+    rng = np.random.default_rng(1)
+    emb = rng.normal(size=(200, 16)).astype(np.float32)
+    signal = emb @ rng.normal(size=16) + 0.3 * rng.normal(size=200)
+    noise = rng.normal(size=200)                             # nothing to learn: out-of-fold rho ~ 0
+    fit = dict(epochs=20, lr=1e-2, batch_size=64, seed=3)
+    assert cross_validated_spearman(emb, signal, **fit)["cv_spearman_pooled"] > 0.9
+    cv = cross_validated_spearman(emb, noise, **fit)
+    assert abs(cv["cv_spearman_pooled"]) < 0.25 and abs(cv["cv_spearman"]) < 0.25 and cv["folds"] == 5
+    with pytest.raises(MatesError, match="folds"):
+        cross_validated_spearman(emb[:30], noise[:30], **fit)
 
 
 def test_touched_ids_are_the_curated_stages_candidates():
