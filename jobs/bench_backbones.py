@@ -23,9 +23,8 @@ def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     from curation.embeddings import EmbeddingSettings, EmbeddingStore
     from curation.frozen_head import cross_validated_spearman, fit_frozen_head
     from curation.fit_utils import spearman
-    from curation.influence_model import InfluenceModel
     from curation.index_writer import stage_committed, stage_url
-    from curation.influence_model import fit_influence_model
+    from curation.influence_model import CONFIG_NAME, InfluenceModel, fit_influence_model
     from curation.pool import MDSFolder
     from curation.scoring import pool_texts
     from schemas.recipe import load_recipe
@@ -50,15 +49,16 @@ def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     finetune_s = time.perf_counter() - t0
     store = EmbeddingStore(recipe.data, EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype))
     stats = store.ensure(ids, pool=pool, pool_tokenizer=tokenizer, batch_size=opts.batch_size * 4)
+    emb = store.load(ids)
     t0 = time.perf_counter()
-    _, frozen = fit_frozen_head(store.load(ids), labels, epochs=opts.head_epochs, lr=opts.head_lr,
+    _, frozen = fit_frozen_head(emb, labels, epochs=opts.head_epochs, lr=opts.head_lr,
                                 batch_size=opts.head_batch_size, seed=seed, log=log)
     frozen_s = time.perf_counter() - t0
-    cv = cross_validated_spearman(store.load(ids), labels, epochs=opts.head_epochs, lr=opts.head_lr,
+    cv = cross_validated_spearman(emb, labels, epochs=opts.head_epochs, lr=opts.head_lr,
                                   batch_size=opts.head_batch_size, seed=seed)
     previous = join(stage_url(run_url, stage - 1), "influence_model")
     carried = None
-    if stage > 1 and store_for(previous).exists("influence_model.json"):
+    if stage > 1 and store_for(previous).exists(CONFIG_NAME):
         carried = spearman(InfluenceModel.from_pretrained(previous).predict_texts(texts), labels)
     return {"run": run_url, "stage": stage, "probes": int(len(ids)), "probe_method": probes.column("method")[0].as_py(),
             "finetune": {"val_spearman": finetune["val_spearman"], "best_epoch": finetune["best_epoch"],

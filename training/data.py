@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from curation.batching import collate_samples
 from schemas.errors import MatesError
-from training import dist_utils
 from schemas.storage import export_endpoint_for_streaming, is_remote, store_for
+from training import dist_utils
 
 CACHE_ROOT = os.environ.get("MATES_STREAMING_CACHE") or os.path.join(tempfile.gettempdir(), "mates-streaming")
 
