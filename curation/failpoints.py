@@ -5,7 +5,7 @@
 Names: `train` (during stage training), `probe`, `fit`, `score` (after each MATES phase),
 `index` (after the first bucket of a stage index is uploaded), `commit` (index written, before
 `_SUCCESS`): the phases tests/test_kills.py kills a `mates` boundary at, in order.
-`embed` (after each part an embedding pass writes, curation/embeddings.py) is not in `NAMES`: only
+`embed` (after each part an embedding pass writes, curation/influence/embeddings.py) is not in `NAMES`: only
 passes that compute new embeddings reach it.
 """
 from __future__ import annotations

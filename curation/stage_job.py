@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.audit import audit_line, audit_table
-from curation.index_writer import stage_committed, stage_url, write_stage_index
+from curation.oracle.stage_audit import audit_line, audit_table
+from curation.store.stage_index import stage_committed, stage_url, write_stage_index
 from curation.methods import get_method
 from curation.methods.base import StageContext
-from curation.selection import ranks
+from curation.select.gumbel import ranks
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.storage import read_parquet, store_for, write_parquet
@@ -60,7 +60,7 @@ def _check_predictions(pred: np.ndarray, n: int, method_name: str) -> np.ndarray
 
 def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int, barrier) -> np.ndarray | None:
     """Rank 0 prepares; every rank scores its slice into scores/part-<rank>; rank 0 gets them all."""
-    from curation.scoring import shard_for_rank
+    from curation.influence.scoring import shard_for_rank
 
     url = stage_url(ctx.run_url, ctx.stage)
     if rank == 0:
@@ -79,7 +79,7 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int,
 
 
 def write_audit(ctx: StageContext, method, pred: np.ndarray, selection: pa.Table) -> pa.Table:
-    """stages/<k>/audit.parquet: preferences per catalog group (curation/audit.py); one log line."""
+    """stages/<k>/audit.parquet: preferences per catalog group (curation/oracle/stage_audit.py); one log line."""
     ids, keep = np.asarray(selection.column("sample_id")), np.asarray(selection.column("selected"))
     selected = np.zeros(len(ctx.candidates), dtype=bool)
     selected[np.searchsorted(ctx.candidates, ids[keep])] = True   # candidates are sorted

@@ -87,7 +87,7 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100, repeats: int
     """
     from curation.data.demo_corpus import demo_set_files
     from curation.data.ingest import ingest
-    from curation.pool import MDSFolder
+    from curation.store.pool import MDSFolder
     from schemas.recipe import recipe_from_dict
     from training import data as train_data
     from training import stage_loop
@@ -134,7 +134,7 @@ def bench_probe(recipe, *, out=None, log=print, n_probes: int = 64, n_reference:
     """
     import torch
 
-    from curation.probe_bench import bench_probe as run, toy_probe_state, toy_reference, toy_samples
+    from jobs.bench_probe import bench_probe as run, toy_probe_state, toy_reference, toy_samples
 
     m, seq = recipe.model, recipe.ingest.seq_len
     vocab = recipe.tokenizer.vocab_size
@@ -154,9 +154,9 @@ def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:
 
     from curation.data.ingest import ingest
     from curation.data.tokenizer import load_pool_tokenizer
-    from curation.influence_model import InfluenceModel
-    from curation.scoring import bench_score as run
-    from schemas.recipe import MatesOptions
+    from curation.influence.finetuned import InfluenceModel
+    from jobs.bench_score import bench_score as run
+    from schemas.method_options import MatesOptions
 
     # the recipe's encoder settings when its method has them (mates, group_mates), else defaults
     opts = recipe.method_options if isinstance(recipe.method_options, MatesOptions) else MatesOptions()

@@ -20,13 +20,13 @@ from schemas.errors import MatesError
 
 def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     from curation.data.tokenizer import load_pool_tokenizer
-    from curation.embeddings import EmbeddingSettings, EmbeddingStore
-    from curation.frozen_head import cross_validated_spearman, fit_frozen_head
-    from curation.fit_utils import spearman
-    from curation.index_writer import stage_committed, stage_url
-    from curation.influence_model import CONFIG_NAME, InfluenceModel, fit_influence_model
-    from curation.pool import MDSFolder
-    from curation.scoring import pool_texts
+    from curation.influence.embeddings import EmbeddingSettings, EmbeddingStore
+    from curation.influence.frozen_head import cross_validated_spearman, fit_frozen_head
+    from curation.influence.fitting import spearman
+    from curation.store.stage_index import stage_committed, stage_url
+    from curation.influence.finetuned import CONFIG_NAME, InfluenceModel, fit_influence_model
+    from curation.store.pool import MDSFolder
+    from curation.influence.scoring import pool_texts
     from schemas.recipe import load_recipe
     from schemas.storage import join, read_parquet, store_for
 

@@ -116,9 +116,9 @@ def bench_select(n_rows: int = 1_000_000, dim: int = 384, k: int | None = None, 
 
 def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, tol, mode, temperature,
                   alpha, beta, log) -> dict:
-    from curation import metadata
-    from curation.clustering import spherical_kmeans
-    from curation.group_select import select_per_cluster
+    from curation.select import metadata
+    from curation.select.clustering import spherical_kmeans
+    from curation.select.greedy import select_per_cluster
     from schemas.storage import write_parquet
 
     phase = _Phases()
@@ -186,9 +186,9 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
 def _subset_comparison(emb, scores, ids, n_sub, budget_ratio, seed, *, mode, temperature, alpha, beta,
                        max_iter, tol) -> dict:
     """Global greedy vs per-cluster greedy (k = rows / 2000) on the same random rows."""
-    from curation import metadata
-    from curation.clustering import spherical_kmeans
-    from curation.group_select import global_greedy, select_per_cluster
+    from curation.select import metadata
+    from curation.select.clustering import spherical_kmeans
+    from curation.select.greedy import global_greedy, select_per_cluster
 
     rng = np.random.default_rng([seed, 1])
     rows = np.sort(rng.choice(len(scores), min(n_sub, len(scores)), replace=False))

@@ -185,11 +185,11 @@ def cmd_demo(args) -> int:
 
 def cmd_audit_oracle(args) -> int:
     """The one-step oracle per catalog group, for each target x probe method, on a run's state."""
-    from curation.batching import ReferenceSet
+    from curation.lm.batching import ReferenceSet
     from curation.data.sets import TARGETS, load_set, resolve_target
     from curation.data.ingest import read_pool_marker
     from curation.data.tokenizer import EOS, load_pool_tokenizer
-    from curation.oracle_audit import audit_markdown, oracle_audit
+    from curation.oracle.audit import audit_markdown, oracle_audit
     from schemas.probe_state import load_probe_state
     from schemas.storage import store_for
     from training.dist_utils import device_name
@@ -249,7 +249,7 @@ def cmd_query(args) -> int:
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
-    from curation.run_views import query
+    from curation.store.run_views import query
 
     table = query(args.run, args.sql, args.data)
     if table is None:

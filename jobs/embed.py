@@ -1,5 +1,5 @@
 """`mates embed`: one pass of the frozen encoder over a pool (or the candidates a recipe touches),
-ahead of any run, into the pool's shared embedding store (curation/embeddings.py).
+ahead of any run, into the pool's shared embedding store (curation/influence/embeddings.py).
 
 Resumable (finished parts are kept) and data-parallel under the launcher
 (`composer -n 2 -m jobs.cli embed ...`: each rank embeds its slice of the missing ids).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from schemas.errors import MatesError
-from schemas.recipe import METHOD_OPTIONS
+from schemas.method_options import METHOD_OPTIONS
 
 
 def encoder_options(recipe, method: str | None):
@@ -49,8 +49,8 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
     `limit` ids); returns this rank's stats and the store URL."""
     from curation.data.ingest import read_pool_marker
     from curation.data.tokenizer import load_pool_tokenizer
-    from curation.embeddings import PART_SIZE, EmbeddingSettings, EmbeddingStore
-    from curation.pool import MDSFolder
+    from curation.influence.embeddings import PART_SIZE, EmbeddingSettings, EmbeddingStore
+    from curation.store.pool import MDSFolder
     from schemas.storage import join
     from training import dist_utils
 

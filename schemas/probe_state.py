@@ -1,7 +1,7 @@
 """The probe state: what curation needs of the model at a stage boundary, as plain tensors.
 
 Written by the stage loop next to each Composer checkpoint as
-`<run>/checkpoints/stage-<k>-probe.pt`, read by the oracle (curation/probing.py). It holds only
+`<run>/checkpoints/stage-<k>-probe.pt`, read by the oracle (curation/oracle/probes.py). It holds only
 tensors, numbers and strings, so it loads with `torch.load(..., weights_only=True)`:
 
     {"format": "mates-probe-state", "version": 1, "stage": k,

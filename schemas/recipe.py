@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 import yaml
 
 from schemas.errors import MatesError
+from schemas.method_options import METHOD_OPTIONS
 
 
 # ---------------------------------------------------------------- sections
@@ -90,80 +91,6 @@ class StagesConfig:
     method: str = "random"
     options: dict = field(default_factory=dict)
     audit_by: str = "source"          # catalog column the stage audit groups by
-
-
-@dataclass(kw_only=True)
-class RandomOptions:
-    temperature: float = 0.5          # unused by random (pred = 0), kept so the path is shared
-
-
-@dataclass(kw_only=True)
-class MatesOptions:
-    temperature: float = 0.5          # Gumbel-top-k temperature tau (authors: 0.5)
-    probe_method: Literal["exact", "first_order", "preconditioned"] = "exact"
-    n_probes: int = 256
-    probe_batch: int = 16
-    target: Optional[str] = None      # a target set of the pool (default: its full-sequence one)
-    max_target: int = 64              # target examples L_ref is measured on (first N)
-    encoder_max_len: int = 128
-    encoder_layers: int = 6
-    epochs: int = 3
-    lr: float = 5e-5
-    batch_size: int = 16
-    warm_start: bool = True
-    freeze_word_embeddings: bool = True  # keep MiniLM's 30522x384 token table fixed (see fit)
-    # finetune: the papers' (encoder fine-tuned, pool re-encoded at every boundary); frozen: a
-    # linear head on the pool's stored embeddings (curation/embeddings.py, curation/frozen_head.py)
-    backbone: Literal["finetune", "frozen"] = "finetune"
-    head_epochs: int = 100            # frozen: epochs of the linear head (cheap: no encoder pass)
-    head_lr: float = 1e-3             # frozen: AdamW lr of the linear head
-    head_batch_size: int = 64         # frozen: examples per head step
-    embedding_dtype: Literal["float32", "float16"] = "float32"  # frozen: stored embedding floats
-
-
-@dataclass(kw_only=True)
-class GroupMatesOptions(MatesOptions):
-    n_trajectories: int = 32          # oracle trajectories of sequential one-step updates
-    trajectory_length: int = 10       # T (authors: 10)
-    relational_epochs: int = 200
-    relational_lr: float = 1e-2
-    n_clusters: int = 8               # spherical k-means clusters over h(x)
-    quota_mode: Literal["size", "influence"] = "influence"
-    quota_temperature: float = 0.5    # quota_mode=influence: size x softmax(-mean z(pred) / T); tau of MATES
-    dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection
-
-
-@dataclass(kw_only=True)
-class PerplexityOptions:
-    temperature: float = 0.1          # on z-scored losses: nearly a plain top-k
-    band: Literal["middle", "low", "high"] = "middle"  # which losses to keep (middle: Marion et al. 2023)
-    batch_size: int = 32
-
-
-@dataclass(kw_only=True)
-class DsirOptions:
-    temperature: float = 1.0          # DSIR: Gumbel top-k on the log importance weights, tau = 1
-    target: Optional[str] = None      # the target distribution: the same sets MATES' oracle uses
-    max_target: int = 64
-    n_features: int = 10000           # hashed n-gram buckets (DSIR: 10,000)
-    max_n: int = 2                    # unigrams + bigrams
-
-
-@dataclass(kw_only=True)
-class ClassifierOptions:
-    temperature: float = 0.1          # on z-scored logits: nearly DCLM's threshold
-    target: Optional[str] = None      # positives: the same sets MATES' oracle uses
-    max_target: int = 64
-    n_features: int = 1 << 18
-    max_n: int = 2
-    dim: int = 16
-    epochs: int = 5
-    lr: float = 0.05
-
-
-METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions,
-                                   "group_mates": GroupMatesOptions, "perplexity": PerplexityOptions,
-                                   "dsir": DsirOptions, "classifier": ClassifierOptions}
 
 
 @dataclass(kw_only=True)

@@ -124,7 +124,7 @@ def _comparison_audits() -> pa.Schema:
 COMPARISON_AUDITS = _comparison_audits()
 
 # <data>/embeddings/<encoder-key>/part-*.parquet: the frozen encoder's pooled state per sample
-# (curation/embeddings.py). The width and float type are settings of the store (stamped in its
+# (curation/influence/embeddings.py). The width and float type are settings of the store (stamped in its
 # embeddings.json), so the schema is built per store; EMBEDDINGS is MiniLM's 384 x float32.
 def embeddings_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     value = {"float32": pa.float32(), "float16": pa.float16()}.get(dtype)

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from curation.batching import ReferenceSet
-from curation.probe_bench import toy_probe_state, toy_samples
+from curation.lm.batching import ReferenceSet
+from jobs.bench_probe import toy_probe_state, toy_samples
 from schemas import tables
 from schemas.recipe import ModelConfig
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from curation.methods.dsir_method import log_importance_weights
-from training.compare import tokens_to_reach
+from training.compare_tables import tokens_to_reach
 from tests.conftest import MICRO_RECIPE, mates
 
 pytestmark = pytest.mark.slow
@@ -41,9 +41,9 @@ def test_dsir_log_weights_match_the_formula():
 
 def test_perplexity_sample_losses_equal_the_models_own_loss(local_pool):
     from curation.data.tokenizer import EOS, load_pool_tokenizer
-    from curation.lm import build_causal_lm
+    from curation.lm.model import build_causal_lm
     from curation.methods.perplexity_method import sample_losses
-    from curation.pool import MDSFolder
+    from curation.store.pool import MDSFolder
     from schemas.recipe import load_recipe
 
     tok = load_pool_tokenizer(local_pool)

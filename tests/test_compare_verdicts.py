@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas import tables
-from training.compare import markdown_table, summarize, verdicts
+from training.compare_tables import markdown_table, summarize, verdicts
 
 # final losses per (method, seed) on the primary (wiki_en) and the off-target (bbc_en) set
 FINALS = {

@@ -1,4 +1,4 @@
-"""The pool's embedding store (curation/embeddings.py) and the frozen head (curation/frozen_head.py).
+"""The pool's embedding store (curation/influence/embeddings.py) and the frozen head (curation/influence/frozen_head.py).
 
 Small on purpose: MiniLM cut to 1 layer at max_len 32, a few dozen micro-pool samples, parts of 16.
 """
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from curation.data.tokenizer import load_pool_tokenizer
-from curation.embeddings import STAMP, EmbeddingSettings, EmbeddingStore
-from curation.frozen_head import FrozenHead, cross_validated_spearman, fit_frozen_head
-from curation.influence_model import InfluenceModel
-from curation.pool import MDSFolder
-from curation.scoring import pool_texts
+from curation.influence.embeddings import STAMP, EmbeddingSettings, EmbeddingStore
+from curation.influence.frozen_head import FrozenHead, cross_validated_spearman, fit_frozen_head
+from curation.influence.finetuned import InfluenceModel
+from curation.store.pool import MDSFolder
+from curation.influence.scoring import pool_texts
 from schemas.errors import MatesError
 from schemas.storage import join, store_for
 from tests.conftest import ROOT

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from curation.embeddings import EmbeddingSettings, EmbeddingStore
-from curation.frozen_head import FrozenHead
+from curation.influence.embeddings import EmbeddingSettings, EmbeddingStore
+from curation.influence.frozen_head import FrozenHead
 from schemas.costs import PHASES, stage_costs
 from schemas.storage import join, read_parquet, store_for
 from tests.conftest import mates

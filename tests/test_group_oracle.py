@@ -1,5 +1,5 @@
-"""Group-MATES: the trajectory oracle (curation/group_oracle.py) and the relational influence model
-(curation/relational_model.py), on a micro GPT-2 and on synthetic embeddings."""
+"""Group-MATES: the trajectory oracle (curation/oracle/trajectories.py) and the relational influence model
+(curation/influence/relational.py), on a micro GPT-2 and on synthetic embeddings."""
 from __future__ import annotations
 
 import io
@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from curation.batching import IGNORE, ReferenceSet, collate_samples
-from curation.group_oracle import (random_trajectories, run_trajectories, trajectories_table,
+from curation.lm.batching import IGNORE, ReferenceSet, collate_samples
+from curation.oracle.trajectories import (random_trajectories, run_trajectories, trajectories_table,
                                    trajectory_arrays)
-from curation.probing import model_from_state, probe_influence
-from curation.relational_model import RelationalInfluenceModel, fit_relational_model
+from curation.oracle.probes import model_from_state, probe_influence
+from curation.influence.relational import RelationalInfluenceModel, fit_relational_model
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.trajectories import TRAJECTORIES
@@ -283,7 +283,7 @@ def test_beam_trajectories_find_the_least_predicted_group_influence():
     return the ordering of least Σ θ_t among all 3-sequences of its 5 candidates."""
     import itertools
 
-    from curation.group_oracle import beam_trajectories
+    from curation.oracle.trajectories import beam_trajectories
 
     model = _model(6, alpha=1.2, beta=0.5, seed=4)
     rng = np.random.default_rng(5)
@@ -302,7 +302,7 @@ def test_beam_trajectories_find_the_least_predicted_group_influence():
     ids = beam_trajectories(model, wide.numpy(), np.arange(40), 7, 4, 1, beam=3, candidates=10)
     assert ids.shape == (7, 4) and all(len(set(r)) == 4 for r in ids)
     # Beam 1 over every candidate is the greedy of group_select with this model's s, alpha, beta.
-    from curation.group_select import greedy_group_select
+    from curation.select.greedy import greedy_group_select
 
     with torch.no_grad():
         scores = model.individual(wide)
@@ -314,7 +314,7 @@ def test_beam_trajectories_find_the_least_predicted_group_influence():
 
 
 def test_head_from_influence_model_feeds_init_head():
-    from curation.relational_model import head_from_influence_model
+    from curation.influence.relational import head_from_influence_model
 
     class Stub(torch.nn.Module):  # the InfluenceModel's `head` attribute is all it reads
         def __init__(self):

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from curation import metadata
-from curation.clustering import init_centroids, spherical_kmeans
-from curation.group_select import global_greedy, greedy_group_select, select_per_cluster
+from curation.select import metadata
+from curation.select.clustering import init_centroids, spherical_kmeans
+from curation.select.greedy import global_greedy, greedy_group_select, select_per_cluster
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.storage import join, write_parquet

@@ -1,4 +1,4 @@
-"""The influence model (curation/influence_model.py) and pool scoring (curation/scoring.py).
+"""The influence model (curation/influence/finetuned.py) and pool scoring (curation/influence/scoring.py).
 
 Small on purpose: 1 encoder layer, max_len 32, a few hundred 12-word texts. The signal is
 learnable by construction: a text's label is how many times it says "apple", plus noise.
@@ -16,9 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from curation.influence_model import CONFIG_NAME, InfluenceModel, fit_influence_model
-from curation.pool import MDSFolder
-from curation.scoring import bench_score, score_samples, shard_for_rank
+from curation.influence.finetuned import CONFIG_NAME, InfluenceModel, fit_influence_model
+from curation.store.pool import MDSFolder
+from curation.influence.scoring import score_samples, shard_for_rank
+from jobs.bench_score import bench_score
 from schemas.errors import MatesError
 
 WORDS = ("river stone cloud table window garden music paper bridge forest chair candle market "

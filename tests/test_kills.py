@@ -8,7 +8,7 @@ import os
 import pytest
 
 from curation.failpoints import NAMES
-from curation.index_writer import read_stage_streams
+from curation.store.stage_index import read_stage_streams
 from schemas.errors import MatesError
 from schemas.storage import join, read_parquet
 from tests.conftest import MICRO_RECIPE, mates, mates_process

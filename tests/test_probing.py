@@ -1,4 +1,4 @@
-"""The oracle prober (curation/probing.py) against the plain deepcopy + torch AdamW baseline."""
+"""The oracle prober (curation/oracle/probes.py) against the plain deepcopy + torch AdamW baseline."""
 from __future__ import annotations
 
 import copy
@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from curation import probing
-from curation.batching import ReferenceSet
-from curation.probe_bench import bench_probe, toy_probe_state
-from curation.probing import (OracleProber, model_from_state, probe_influence, probe_state_from_optimizer,
+from curation.oracle import probes as probing
+from curation.lm.batching import ReferenceSet
+from jobs.bench_probe import bench_probe, toy_probe_state
+from curation.oracle.probes import (OracleProber, model_from_state, probe_influence, probe_state_from_optimizer,
                               slow_reference_influence)
 from schemas import tables
 from schemas.errors import MatesError
@@ -154,7 +154,7 @@ def test_bench_probe_reports_every_metric_and_leaves_the_state_untouched(state, 
 def test_preconditioned_is_the_adam_preconditioned_gradient_alignment(state, reference, samples):
     """`preconditioned` = -lr * grad L_ref . (g_x / (sqrt(v_hat) + eps)), with x's clipped gradient
     and the stored second moment, computed here with plain autograd on one model per probe."""
-    from curation.batching import collate_sequences, token_losses
+    from curation.lm.batching import collate_sequences, token_losses
 
     got = probe_influence(state, reference, samples[:5], method="preconditioned", pad_id=0,
                           dtype=torch.float64)

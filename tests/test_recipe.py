@@ -2,7 +2,8 @@
 import pytest
 
 from schemas.errors import MatesError
-from schemas.recipe import METHOD_OPTIONS, load_recipe, recipe_from_dict
+from schemas.method_options import METHOD_OPTIONS
+from schemas.recipe import load_recipe, recipe_from_dict
 from tests.conftest import MICRO_RECIPE
 
 BASE = {"data": "/tmp/d", "run": "/tmp/r"}

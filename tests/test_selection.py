@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from curation.selection import gumbel_top_k, ranks, score_buckets
+from curation.select.gumbel import gumbel_top_k, ranks, score_buckets
 from curation.stage_job import candidate_pools, n_selected
 from schemas.errors import MatesError
 

@@ -122,9 +122,9 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
     rank scores its half of the candidates into its own part, rank 0 selects and writes the index."""
     import boto3
 
-    from curation.influence_model import InfluenceModel
+    from curation.influence.finetuned import InfluenceModel
     from curation.data.tokenizer import load_pool_tokenizer
-    from curation.scoring import score_samples
+    from curation.influence.scoring import score_samples
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="mates-run-ddp")
     run = "s3://mates-run-ddp/run"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from curation.batching import ReferenceSet
+from curation.lm.batching import ReferenceSet
 from curation.data.sets import EVAL, TARGETS, example_text, load_set, normalised_sha1
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from jobs.cli import main
@@ -101,8 +101,8 @@ def _direct_mean_loss(model, rows: list[dict]) -> float:
 def test_both_loss_kinds_equal_a_direct_computation(local_pool, name):
     """lm counts every token after the leading <eos>, cloze only the target word; the oracle's L_ref
     (OracleProber.base_loss on the target) and the stage loop's evaluation (on the eval set) agree."""
-    from curation.probe_bench import toy_probe_state
-    from curation.probing import OracleProber, model_from_state
+    from jobs.bench_probe import toy_probe_state
+    from curation.oracle.probes import OracleProber, model_from_state
     from schemas.recipe import load_recipe
     from training.evaluation import evaluate, load_eval_sets
 
@@ -197,7 +197,7 @@ def test_audit_table_aggregates_by_group_as_numpy_does():
     """Mean z and standard error per group, the selection share, and the oracle side where probed."""
     import pyarrow as pa
 
-    from curation.audit import audit_line, audit_table, zscore
+    from curation.oracle.stage_audit import audit_line, audit_table, zscore
 
     rng = np.random.default_rng(3)
     groups = np.array(["a", "b", "c"])[rng.integers(0, 3, 300)]

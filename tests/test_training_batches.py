@@ -4,7 +4,7 @@ import logging
 import numpy as np
 import pytest
 
-from curation.lm import build_causal_lm
+from curation.lm.model import build_causal_lm
 from schemas.errors import MatesError
 from schemas.recipe import ModelConfig
 from training.data import InMemorySamples, mds_loader

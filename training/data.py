@@ -16,7 +16,7 @@ import time
 import torch
 from torch.utils.data import DataLoader
 
-from curation.batching import collate_samples
+from curation.lm.batching import collate_samples
 from schemas.errors import MatesError
 from schemas.storage import export_endpoint_for_streaming, is_remote, store_for
 from training import dist_utils

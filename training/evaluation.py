@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from curation.batching import ReferenceSet, mean_token_loss
+from curation.lm.batching import ReferenceSet, mean_token_loss
 from curation.data.sets import EVAL, load_set, pool_sets
 
 

@@ -1,9 +1,9 @@
-"""The Composer side of the model: the LM of curation/lm.py wrapped as a ComposerModel."""
+"""The Composer side of the model: the LM of curation/lm/model.py wrapped as a ComposerModel."""
 from __future__ import annotations
 
 import torch
 
-from curation.lm import build_causal_lm, n_params  # noqa: F401  (re-exported for training code)
+from curation.lm.model import build_causal_lm, n_params  # noqa: F401  (re-exported for training code)
 
 
 def composer_model(lm: torch.nn.Module):

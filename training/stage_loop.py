@@ -36,14 +36,15 @@ import torch
 from curation.data.ingest import read_pool_marker
 from curation.data.sets import resolve_primary_eval, resolve_target
 from curation.data.tokenizer import EOS, load_pool_tokenizer
-from curation.index_writer import read_stage_streams, stage_committed, stage_url
+from curation.store.stage_index import read_stage_streams, stage_committed, stage_url
 from curation.methods.base import StageContext
-from curation.probing import probe_state_from_optimizer
+from curation.oracle.probes import probe_state_from_optimizer
 from curation.stage_job import candidate_pools, n_selected, run_stage_job
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
-from schemas.recipe import RandomOptions, Recipe, dump_recipe, load_recipe, method_options_key
+from schemas.method_options import RandomOptions
+from schemas.recipe import Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import export_endpoint_for_streaming, join, read_parquet, store_for, write_parquet
 from training import dist_utils
 from training.callbacks import StageMonitor
@@ -308,7 +309,7 @@ def _share(curation: float, train: float) -> str:
 
 def costs_table(run_url: str) -> str:
     """Curation seconds per phase per committed stage (from each `_SUCCESS`), next to training."""
-    from curation.run_views import committed_stages
+    from curation.store.run_views import committed_stages
     from schemas.costs import PHASES, stage_costs
 
     train = {r["stage"]: r["train_seconds"] for r in read_parquet(run_url, "metrics.parquet").to_pylist()} \

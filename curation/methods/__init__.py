@@ -10,7 +10,7 @@ import importlib
 
 from schemas.errors import MatesError
 
-# name -> "module:Class"; kept in step with schemas.recipe.METHOD_OPTIONS (a test checks).
+# name -> "module:Class"; kept in step with schemas.method_options.METHOD_OPTIONS (a test checks).
 REGISTRY = {
     "random": "curation.methods.random_method:RandomMethod",
     "mates": "curation.methods.mates_method:MatesMethod",

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from curation.selection import gumbel_top_k, score_buckets
+from curation.select.gumbel import gumbel_top_k, score_buckets
 
 
 @dataclass(kw_only=True)
@@ -23,7 +23,7 @@ class StageContext:
     options: Any                      # the method's options dataclass (schemas.recipe)
     state_url: str | None = None      # probe state of the model at this boundary (None: initial)
     target: str | None = None         # the target set the method aims at (<data>/targets/<name>)
-    audit_by: str = "source"          # catalog column of the stage audit (curation/audit.py)
+    audit_by: str = "source"          # catalog column of the stage audit (curation/oracle/stage_audit.py)
     device: str = "cpu"
     log: Any = print
     timings: dict = field(default_factory=dict)   # seconds per phase, written to _SUCCESS

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from curation.hashed_ngrams import ngram_bags
+from curation.influence.hashed_ngrams import ngram_bags
 from curation.methods.base import CurationMethod, StageContext
 from curation.methods.texts import candidate_texts, target_texts
-from curation.selection import standardized
+from curation.select.gumbel import standardized
 
 
 class NgramClassifier(torch.nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from curation.hashed_ngrams import ngram_bags, ngram_counts
+from curation.influence.hashed_ngrams import ngram_bags, ngram_counts
 from curation.methods.base import CurationMethod, StageContext
 from curation.methods.texts import candidate_texts, target_texts
 

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.index_writer import stage_url
+from curation.store.stage_index import stage_url
 from curation.methods.base import StageContext
 from curation.methods.mates_method import MatesMethod
-from curation.pool import MDSFolder
+from curation.store.pool import MDSFolder
 from schemas.storage import join, write_parquet
 
 
@@ -35,7 +35,7 @@ class GroupMatesMethod(MatesMethod):
 
     def group_oracle(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Random trajectories and their per-step oracle increments: ([n, T] ids, [n, T])."""
-        from curation.group_oracle import random_trajectories, run_trajectories, trajectories_table
+        from curation.oracle.trajectories import random_trajectories, run_trajectories, trajectories_table
 
         opts = ctx.options
         state, reference = self.oracle_inputs(ctx, pad_id)
@@ -51,7 +51,7 @@ class GroupMatesMethod(MatesMethod):
     def unit_embeddings(self, ctx: StageContext, model, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
         """h(x) [N, D] of `ids`: the L2-normalised pooled state of the frozen encoder from the store
         (frozen), or of the fitted influence model's encoder (finetune)."""
-        from curation.scoring import score_samples
+        from curation.influence.scoring import score_samples
 
         if self.frozen(ctx):
             emb = self.stored_embeddings(ctx, pool, tokenizer, ids)
@@ -61,7 +61,7 @@ class GroupMatesMethod(MatesMethod):
         return np.asarray(emb)
 
     def predict(self, ctx: StageContext) -> np.ndarray:
-        from curation.relational_model import fit_relational_model, head_from_influence_model
+        from curation.influence.relational import fit_relational_model, head_from_influence_model
 
         opts = ctx.options
         model, pool, tokenizer, pad_id = self.influence_model(ctx)
@@ -99,10 +99,10 @@ class GroupMatesMethod(MatesMethod):
         return scores.double().cpu().numpy()
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
-        from curation import metadata
-        from curation.clustering import spherical_kmeans
-        from curation.group_select import select_per_cluster
-        from curation.selection import standardized
+        from curation.select import metadata
+        from curation.select.clustering import spherical_kmeans
+        from curation.select.greedy import select_per_cluster
+        from curation.select.gumbel import standardized
 
         opts = ctx.options
         t0 = time.perf_counter()

@@ -8,9 +8,9 @@ At a stage boundary:
   3. score: predict I(x) for every candidate of the stage's pool (the shared Gumbel-top-k
      selection in `CurationMethod.select` then keeps `n_select` of them).
 
-`backbone: frozen` replaces 2 and 3: the pool's stored encoder embeddings (curation/embeddings.py;
+`backbone: frozen` replaces 2 and 3: the pool's stored encoder embeddings (curation/influence/embeddings.py;
 the probed samples' and candidates' that are missing are computed and stored first, timed as
-`embed`) -> a linear head fitted on the probes' (curation/frozen_head.py) -> frozen_head/;
+`embed`) -> a linear head fitted on the probes' (curation/influence/frozen_head.py) -> frozen_head/;
 scoring is one matrix product over the candidates' stored embeddings.
 """
 from __future__ import annotations
@@ -20,13 +20,13 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.batching import ReferenceSet
+from curation.lm.batching import ReferenceSet
 from curation.data.sets import TARGETS, load_set
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.failpoints import failpoint
-from curation.index_writer import stage_url
+from curation.store.stage_index import stage_url
 from curation.methods.base import CurationMethod, StageContext
-from curation.pool import MDSFolder
+from curation.store.pool import MDSFolder
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state
@@ -52,7 +52,7 @@ class MatesMethod(CurationMethod):
 
     def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x))."""
-        from curation.probing import probe_influence
+        from curation.oracle.probes import probe_influence
 
         opts = ctx.options
         state, reference = self.oracle_inputs(ctx, pad_id)
@@ -70,7 +70,7 @@ class MatesMethod(CurationMethod):
 
     def previous_model(self, ctx: StageContext):
         """The influence model of the latest earlier stage that has one (warm start), or None."""
-        from curation.influence_model import InfluenceModel
+        from curation.influence.finetuned import InfluenceModel
 
         for stage in range(ctx.stage - 1, 0, -1):
             url = join(stage_url(ctx.run_url, stage), "influence_model")
@@ -81,8 +81,8 @@ class MatesMethod(CurationMethod):
 
     def fit(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray, influence: np.ndarray):
         """The MiniLM influence model on (text, I(x)), saved under the stage; returns it."""
-        from curation.influence_model import fit_influence_model
-        from curation.scoring import pool_texts
+        from curation.influence.finetuned import fit_influence_model
+        from curation.influence.scoring import pool_texts
 
         opts = ctx.options
         t0 = time.perf_counter()
@@ -100,7 +100,7 @@ class MatesMethod(CurationMethod):
 
     # -- backbone: frozen ------------------------------------------------------------------
     def embedding_store(self, ctx: StageContext):
-        from curation.embeddings import EmbeddingSettings, EmbeddingStore
+        from curation.influence.embeddings import EmbeddingSettings, EmbeddingStore
 
         if getattr(self, "_store", None) is None:
             settings = EmbeddingSettings.from_options(ctx.options, dtype=ctx.options.embedding_dtype)
@@ -121,7 +121,7 @@ class MatesMethod(CurationMethod):
 
     def fit_frozen(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray, influence: np.ndarray):
         """The linear head on the probes' stored embeddings, saved under the stage; returns it."""
-        from curation.frozen_head import fit_frozen_head
+        from curation.influence.frozen_head import fit_frozen_head
 
         opts = ctx.options
         t0 = time.perf_counter()
@@ -171,8 +171,8 @@ class MatesMethod(CurationMethod):
 
     def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         """Predicted influence of `sample_ids` (this rank's slice of the candidates)."""
-        from curation.influence_model import InfluenceModel
-        from curation.scoring import score_samples
+        from curation.influence.finetuned import InfluenceModel
+        from curation.influence.scoring import score_samples
 
         if self.frozen(ctx):
             return self.score_slice_frozen(ctx, sample_ids)
@@ -191,7 +191,7 @@ class MatesMethod(CurationMethod):
 
     def score_slice_frozen(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         """The head over the slice's stored embeddings (this rank embeds its slice's missing ones)."""
-        from curation.frozen_head import FrozenHead
+        from curation.influence.frozen_head import FrozenHead
 
         if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
             self.model = FrozenHead.load(join(stage_url(ctx.run_url, ctx.stage), "frozen_head"))

@@ -12,11 +12,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from curation.batching import collate_samples, token_losses
+from curation.lm.batching import collate_samples, token_losses
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.methods.base import CurationMethod, StageContext
-from curation.pool import MDSFolder
-from curation.selection import standardized
+from curation.store.pool import MDSFolder
+from curation.select.gumbel import standardized
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state
 from schemas.storage import join
@@ -41,7 +41,7 @@ class PerplexityMethod(CurationMethod):
     n_buckets = 4
 
     def predict(self, ctx: StageContext) -> np.ndarray:
-        from curation.probing import model_from_state
+        from curation.oracle.probes import model_from_state
 
         if ctx.state_url is None:
             raise MatesError("`perplexity` needs a trained model state; stage 0 is always `random`.")

@@ -4,13 +4,13 @@ from __future__ import annotations
 from curation.data.sets import TARGETS, load_set
 from curation.data.tokenizer import load_pool_tokenizer
 from curation.methods.base import StageContext
-from curation.pool import MDSFolder
+from curation.store.pool import MDSFolder
 from schemas.storage import join
 
 
 def candidate_texts(ctx: StageContext) -> list[str]:
     """The decoded text of every candidate of the stage, in `ctx.candidates` order."""
-    from curation.scoring import pool_texts
+    from curation.influence.scoring import pool_texts
 
     return pool_texts(MDSFolder(join(ctx.data_url, "pool")), ctx.candidates, load_pool_tokenizer(ctx.data_url))
 

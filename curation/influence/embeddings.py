@@ -197,7 +197,7 @@ class EmbeddingStore:
         Returns {"computed", "reused", "parts_written", "seconds"} for this rank; `seconds` counts
         computing new embeddings only (0 when every one was stored), not reading the store.
         """
-        from curation.scoring import pool_texts, shard_for_rank
+        from curation.influence.scoring import pool_texts, shard_for_rank
 
         wanted = np.unique(np.asarray(sample_ids, dtype=np.int64))
         self.stamp()  # refuse a store of another pool or other settings before any work
@@ -211,7 +211,7 @@ class EmbeddingStore:
         started = time.perf_counter()
         encoder = encoder or self._encoder
         if encoder is None:  # built once per store object: loading MiniLM costs seconds
-            from curation.influence_model import InfluenceModel
+            from curation.influence.finetuned import InfluenceModel
 
             encoder = InfluenceModel(layers_kept=self.settings.layers_kept, max_len=self.settings.max_len)
         self._encoder = encoder

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from curation.data.ingest import POOL_COLUMNS
 from curation.failpoints import failpoint
-from curation.pool import MDSFolder
+from curation.store.pool import MDSFolder
 from schemas import streams, tables
 from schemas.errors import MatesError
 from schemas.storage import join, store_for, write_parquet

@@ -2,7 +2,7 @@
 
 Influence-aware clustering: points are grouped by cosine similarity of the influence model's
 embedding h(x), so each cluster holds points whose relational influence interacts most, and the
-greedy selection (`curation.group_select`) can run per cluster instead of over all N rows.
+greedy selection (`curation.select.greedy`) can run per cluster instead of over all N rows.
 
 * init: seeded greedy k-means++ (D² sampling, D = 1 - cos) on a seeded subsample of at most
   `max(32 k, 16384)` rows (exact k-means++ over all N would be k sequential passes over the data),

@@ -3,12 +3,12 @@
 A trajectory x_1..x_T is T SEQUENTIAL one-step updates from the stage's probe state theta_0 (its
 parameters, AdamW moments and step count): step t trains on x_t alone from the parameters,
 moments and step count that step t-1 left, with the same AdamW and grad clip as the one-step
-oracle (curation/probing.py, DESIGN.md 2.1). After each step the reference-loss increment
+oracle (curation/oracle/probes.py, DESIGN.md 2.1). After each step the reference-loss increment
 
     Delta_t = L_ref(theta_t) - L_ref(theta_{t-1})                                          (2.4)
 
 is recorded; sum_t Delta_t is the oracle group influence of the trajectory's set and the Delta_t
-are the per-step targets of the relational influence model (curation/relational_model.py).
+are the per-step targets of the relational influence model (curation/influence/relational.py).
 
 Batched over trajectories: a chunk of C trajectories carries its own parameters and moments with a
 leading trajectory dimension ({name: [C, *shape]}); each step is one vmapped per-trajectory
@@ -33,8 +33,8 @@ import pyarrow as pa
 import torch
 from torch.func import grad, vmap
 
-from curation.batching import collate_samples
-from curation.probing import OracleProber
+from curation.lm.batching import collate_samples
+from curation.oracle.probes import OracleProber
 from schemas.errors import MatesError
 from schemas.tables import conform
 from schemas.trajectories import TRAJECTORIES

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curation.fit_utils import BestEpoch, spearman
+from curation.influence.fitting import BestEpoch, spearman
 from schemas.errors import MatesError
 from schemas.stamps import read_stamped_json
 from schemas.storage import store_for

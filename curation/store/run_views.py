@@ -87,7 +87,7 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
     data_store = store_for(data_url)
     stores = [k for k in data_store.listdir("embeddings") if data_store.exists("embeddings", k, "embeddings.json")
               and any(p.startswith("part-") for p in data_store.listdir("embeddings", k))]
-    if stores:  # the pool's embedding stores (curation/embeddings.py), one `encoder` key each
+    if stores:  # the pool's embedding stores (curation/influence/embeddings.py), one `encoder` key each
         con.execute("CREATE VIEW embeddings AS " + " UNION ALL BY NAME ".join(
             f"SELECT '{k}' AS encoder, * FROM read_parquet('matesdata://embeddings/{k}/part-*.parquet')"
             for k in stores))

@@ -1,6 +1,6 @@
 """`influence_model.backbone: frozen` (DESIGN.md 2.2): a linear head on stored encoder embeddings.
 
-    pred(x) = w . dropout((e(x) - mu) / sd) + b      e(x): the pooled embedding (curation/embeddings.py)
+    pred(x) = w . dropout((e(x) - mu) / sd) + b      e(x): the pooled embedding (curation/influence/embeddings.py)
 
 A linear head rather than an MLP: with a few hundred to a few thousand probes per boundary, 384
 inputs are already many parameters, and a linear head makes scoring the pool one matrix product.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curation.fit_utils import BestEpoch, spearman
+from curation.influence.fitting import BestEpoch, spearman
 from schemas.errors import MatesError
 from schemas.stamps import read_stamped_json
 from schemas.storage import store_for

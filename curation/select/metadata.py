@@ -1,7 +1,7 @@
 """The metadata side of Group-MATES in DuckDB (DESIGN.md 2.4): cluster statistics, quotas, dedup,
 per-cluster top-k and the selection manifest.
 
-The queries live in `curation/sql/*.sql`, one readable file each, over fixed view names (`scores`,
+The queries live in `curation/select/sql/*.sql`, one readable file each, over fixed view names (`scores`,
 `catalog`, `quotas`, `picked`) and DuckDB named parameters (`$budget`, ...). Every function here
 binds its inputs to those views, runs one file and returns an Arrow table. An input is either an
 Arrow table (registered zero-copy) or the URL of a Parquet object (a local path, `file://` or
@@ -29,8 +29,8 @@ QUOTA_MODES = ("size", "influence")
 
 @functools.cache
 def sql(name: str) -> str:
-    """The text of `curation/sql/<name>.sql`."""
-    return resources.files("curation").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
+    """The text of `curation/select/sql/<name>.sql`."""
+    return resources.files("curation.select").joinpath("sql", f"{name}.sql").read_text(encoding="utf-8")
 
 
 def _ensure_s3(con: duckdb.DuckDBPyConnection, url: str) -> None:

@@ -6,7 +6,7 @@
 
 α and β are learnable scalars initialised to 1; β = exp(log β) stays positive. The group
 influence of a sequence is Σ_t θ_t. Fitted with MSE between θ_t and the z-scored per-step oracle
-increments of curation/group_oracle.py (one mean and std over all steps of all trajectories, so
+increments of curation/oracle/trajectories.py (one mean and std over all steps of all trajectories, so
 the scale of a step's increment relative to the others is kept), 90/10 split by trajectory, the
 epoch with the best held-out Spearman kept. Marginals are on that z scale; `label_mean` and
 `label_std` map them back.
@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curation.fit_utils import BestEpoch, spearman
+from curation.influence.fitting import BestEpoch, spearman
 from schemas.errors import MatesError
 from schemas.stamps import read_stamped_json
 from schemas.storage import store_for

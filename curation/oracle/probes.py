@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.func import functional_call, grad, vmap
 
-from curation.batching import IGNORE, ReferenceSet, collate_samples
+from curation.lm.batching import IGNORE, ReferenceSet, collate_samples
 from schemas.errors import MatesError
 
 METHODS = ("exact", "first_order", "preconditioned")
@@ -48,7 +48,7 @@ LOGIT_BUDGET = {"cuda": 2 ** 27}
 
 def model_from_state(state: dict, device, dtype=torch.float32) -> torch.nn.Module:
     """The transformers LM of a probe state, weights loaded, in eval mode with eager attention."""
-    from curation.lm import ARCHITECTURES as archs
+    from curation.lm.model import ARCHITECTURES as archs
 
     if state.get("model_type") not in archs:
         raise MatesError(f"`model_type` must be one of {sorted(archs)}; got {state.get('model_type')!r}.")

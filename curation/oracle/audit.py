@@ -1,7 +1,7 @@
 """The oracle audit on its own: which groups of the pool does the one-step oracle call helpful,
 for each target and each probe method, on one model state?
 
-This answers the question the stage audit (curation/audit.py) raises before any influence model
+This answers the question the stage audit (curation/oracle/stage_audit.py) raises before any influence model
 is fitted: is the target sane for this model? Probes are stratified by a catalog column (the same
 number per group, so a small junk tier is measured as well as a large source), drawn once with a
 seed, and shared: every method probes the first `per_group[method]` samples of each group, so
@@ -17,9 +17,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.batching import ReferenceSet
-from curation.fit_utils import spearman
-from curation.pool import MDSFolder
+from curation.lm.batching import ReferenceSet
+from curation.influence.fitting import spearman
+from curation.store.pool import MDSFolder
 from schemas.errors import MatesError
 from schemas.storage import join, read_parquet
 
@@ -49,7 +49,7 @@ def oracle_audit(state: dict, data_url: str, *, targets: dict[str, ReferenceSet]
                  device: str = "cpu", log=print) -> dict:
     """{"rows": [{target, method, group, probes, mean_z, se, mean_influence}], "spearman": [...],
     "seconds": {...}} for every target x method."""
-    from curation.probing import probe_influence
+    from curation.oracle.probes import probe_influence
 
     catalog = read_parquet(data_url, "catalog", "samples.parquet")
     if group_by not in catalog.column_names:

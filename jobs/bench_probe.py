@@ -1,6 +1,6 @@
 """Benchmark of the oracle prober (`mates bench probe`) and the toy probe states it and the tests use.
 
-    python -m curation.probe_bench --threads 1   # demo size: GPT-2 d128 x 4 layers, vocab 4096
+    python -m jobs.bench_probe --threads 1   # demo size: GPT-2 d128 x 4 layers, vocab 4096
 
 On a shared CPU box use `--threads 1`: with other work running, torch's OpenMP threads spin and
 the timings (the slow baseline's most of all) swing 3-10x between runs.
@@ -25,12 +25,12 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from curation.batching import ReferenceSet, collate_samples, collate_sequences, token_losses
-from curation.probing import (METHODS, OracleProber, mean_reference_loss, model_from_state,
+from curation.lm.batching import ReferenceSet, collate_samples, collate_sequences, token_losses
+from curation.oracle.probes import (METHODS, OracleProber, mean_reference_loss, model_from_state,
                               probe_state_from_optimizer, slow_reference_influence)
 from schemas import tables
 from schemas.recipe import ModelConfig
-from curation.lm import build_causal_lm
+from curation.lm.model import build_causal_lm
 
 
 def toy_probe_state(cfg: ModelConfig, vocab_size: int, *, train_steps: int = 5, lr: float = 1e-3,

@@ -4,19 +4,17 @@ The pool stores token ids of the LM's own BPE, and the influence model reads Min
 so each batch goes: MDS sample -> pool ids -> text (pool tokenizer) -> MiniLM ids (truncated to
 `max_len`) -> forward. Scoring is data-parallel over ranks: each rank scores the contiguous slice
 `shard_for_rank` gives it and the caller writes `scores/part-<rank>.parquet` (DESIGN.md 5).
-`bench_score` measures what the text round trip costs next to the encoder alone.
 """
 from __future__ import annotations
 
 import sys
-import time
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from curation.influence_model import InfluenceModel
-from curation.pool import MDSFolder
+from curation.influence.finetuned import InfluenceModel
+from curation.store.pool import MDSFolder
 from schemas.errors import MatesError
 
 
@@ -29,7 +27,7 @@ def shard_for_rank(sample_ids: np.ndarray, rank: int, world_size: int) -> np.nda
     return np.array_split(np.asarray(sample_ids), int(world_size))[int(rank)]
 
 
-def _open_pool(pool) -> MDSFolder:
+def open_pool(pool) -> MDSFolder:
     return pool if isinstance(pool, MDSFolder) else MDSFolder(str(pool))
 
 
@@ -45,7 +43,7 @@ def pool_texts(pool: MDSFolder, sample_ids: np.ndarray, pool_tokenizer) -> list[
     return pool_tokenizer.decode_batch(tokens, skip_special_tokens=True)
 
 
-def _batches(model: InfluenceModel, pool: MDSFolder, sample_ids: np.ndarray, pool_tokenizer,
+def encoder_batches(model: InfluenceModel, pool: MDSFolder, sample_ids: np.ndarray, pool_tokenizer,
              batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
     """MiniLM batches {"input_ids": [B, L], "attention_mask": [B, L]} in the order of `sample_ids`."""
     for start in range(0, len(sample_ids), batch_size):
@@ -60,7 +58,7 @@ def _progress_bar(total: int, progress: bool | None):
                 dynamic_ncols=True)
 
 
-def _check_batch_size(batch_size: int) -> int:
+def check_batch_size(batch_size: int) -> int:
     if int(batch_size) < 1:
         raise MatesError(f"`batch_size` must be >= 1; got {batch_size}.")
     return int(batch_size)
@@ -75,16 +73,16 @@ def score_samples(model: InfluenceModel, pool, sample_ids: np.ndarray, pool_toke
     shows a tqdm bar on stderr only when it is a terminal; True / False force it on / off.
     The model is moved to `device` and left in the train/eval mode it came in.
     """
-    pool = _open_pool(pool)
+    pool = open_pool(pool)
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     was_training = model.training
     model.to(device).eval()
     preds, embeds = [], []
     bar = _progress_bar(len(sample_ids), progress)
     try:
         with torch.inference_mode():
-            for batch in _batches(model, pool, sample_ids, pool_tokenizer, batch_size):
+            for batch in encoder_batches(model, pool, sample_ids, pool_tokenizer, batch_size):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if with_embeddings:
                     pred, emb = model.predict_and_embed(**batch)          # [B], [B, H]
@@ -101,56 +99,3 @@ def score_samples(model: InfluenceModel, pool, sample_ids: np.ndarray, pool_toke
         return pred
     emb = torch.cat(embeds).numpy() if embeds else np.zeros((0, model.hidden_size), np.float32)  # [N, H]
     return pred, emb
-
-
-def bench_score(model: InfluenceModel, pool, sample_ids: np.ndarray, pool_tokenizer, *,
-                batch_size: int = 64, device="cpu") -> dict:
-    """Samples/s of the full scoring path next to the bare forward on the same in-memory batches.
-
-    Full path: read from MDS, detokenize, MiniLM-tokenize, forward. Bare: the forward alone on the
-    batches the full pass built. `ratio` = full / bare: how much of the encoder's speed reaches the
-    pool (1.0 = the text round trip is free). `prep_seconds` is the full pass's time outside the
-    forward, which stays readable when other load on the machine makes the two passes' speeds
-    drift. One batch is run first to warm up kernels.
-    """
-    pool = _open_pool(pool)
-    sample_ids = np.asarray(sample_ids, dtype=np.int64)
-    batch_size = _check_batch_size(batch_size)
-    if len(sample_ids) == 0:
-        raise MatesError("`sample_ids` is empty; give at least one sample to benchmark.")
-    was_training = model.training
-    model.to(device).eval()
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    try:
-        with torch.inference_mode():
-            warm = next(_batches(model, pool, sample_ids[:batch_size], pool_tokenizer, batch_size))
-            model(**{k: v.to(device) for k, v in warm.items()})
-            sync()
-
-            kept, prep_s = [], 0.0
-            started = mark = time.perf_counter()
-            for batch in _batches(model, pool, sample_ids, pool_tokenizer, batch_size):
-                prep_s += time.perf_counter() - mark  # read + detokenize + tokenize of this batch
-                kept.append(batch)
-                model(**{k: v.to(device) for k, v in batch.items()})
-                sync()
-                mark = time.perf_counter()
-            full_s = time.perf_counter() - started
-
-            on_device = [{k: v.to(device) for k, v in b.items()} for b in kept]
-            sync()
-            started = time.perf_counter()
-            for batch in on_device:
-                model(**batch)
-            sync()
-            bare_s = time.perf_counter() - started
-    finally:
-        model.train(was_training)
-    n = len(sample_ids)
-    tokens = sum(int(b["attention_mask"].sum()) for b in kept)
-    return {"samples": n, "batch_size": batch_size, "layers_kept": model.layers_kept,
-            "max_len": model.max_len, "mean_encoder_tokens": tokens / n,
-            "torch_threads": torch.get_num_threads(), "device": str(device),
-            "pipeline_seconds": full_s, "prep_seconds": prep_s, "encoder_seconds": bare_s,
-            "pipeline_samples_per_s": n / full_s, "encoder_samples_per_s": n / bare_s,
-            "ratio": bare_s / full_s}

@@ -1,0 +1,67 @@
+"""What `mates report` reads of a run: its metrics and, per committed stage, its tables."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from curation.store.stage_index import stage_committed, stage_url
+from schemas.errors import MatesError
+from schemas.recipe import load_recipe
+from schemas.storage import read_parquet, store_for
+from schemas.tables import metrics_by_stage
+
+
+@dataclass
+class RunView:
+    """What the report needs from one run: its metrics and, per committed stage, its tables."""
+
+    url: str
+    method: str
+    seed: int
+    data: str
+    metrics: list[dict]                         # one dict per stage, `loss` = {eval set: loss}
+    stages: dict = field(default_factory=dict)  # k -> {"selection", "scores", "probes", "audit", "marker"}
+    kinds: dict = field(default_factory=dict)   # eval set -> loss kind
+
+
+def load_run(url: str) -> RunView:
+    store = store_for(url)
+    if not store.exists("recipe.yaml"):
+        raise MatesError(f"`{url}` holds no recipe.yaml: not a mates run (nor a `mates compare` folder).")
+    recipe = load_recipe(store.read_bytes("recipe.yaml").decode(), {"run": url})
+    rows = read_parquet(url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
+    view = RunView(url, recipe.stages.method, recipe.seed, recipe.data, metrics_by_stage(rows),
+                   kinds={r["eval_set"]: r["loss_kind"] for r in rows})
+    for k in range(recipe.stages.count):
+        if not stage_committed(url, k):
+            continue
+        s = store_for(stage_url(url, k))
+        parts = [p for p in s.listdir("scores") if p.endswith(".parquet")]
+        view.stages[k] = {
+            "marker": json.loads(s.read_bytes("_SUCCESS")),
+            "selection": read_parquet(stage_url(url, k), "selection.parquet").to_pydict(),
+            "scores": _concat([read_parquet(stage_url(url, k), "scores", p).to_pydict() for p in parts]),
+            "probes": read_parquet(stage_url(url, k), "probes.parquet").to_pydict() if s.exists("probes.parquet") else None,
+            "audit": read_parquet(stage_url(url, k), "audit.parquet").to_pylist() if s.exists("audit.parquet") else None,
+        }
+    return view
+
+
+def _concat(parts: list[dict]) -> dict | None:
+    if not parts:
+        return None
+    return {key: sum((p[key] for p in parts), []) for key in parts[0]}
+
+
+def sources_of(data_url: str) -> np.ndarray:
+    catalog = read_parquet(data_url, "catalog", "samples.parquet").select(["sample_id", "source"]).to_pydict()
+    out = np.empty(len(catalog["sample_id"]), dtype=object)
+    out[np.asarray(catalog["sample_id"])] = catalog["source"]
+    return out
+
+
+def source_mix(sources: np.ndarray, ids) -> dict[str, float]:
+    names, counts = np.unique(sources[np.asarray(ids, dtype=np.int64)], return_counts=True)
+    return {str(n): c / max(counts.sum(), 1) for n, c in zip(names, counts)}
