@@ -118,14 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(pairs: list[str]) -> dict:
-    import yaml
+    """`--set KEY=VALUE` pairs -> {dotted key: value}; keys are checked names, values bounded YAML."""
+    from schemas import bounds
 
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise MatesError(f"`--set` takes KEY=VALUE; got {pair!r}.")
+            raise MatesError(f"`--set` takes KEY=VALUE; got {pair[:80]!r}.")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        for part in key.split("."):
+            bounds.check_name(part, f"--set {key[:80]}", bounds.KEY)
+        if len(value) > bounds.MAX_SET_VALUE_CHARS:
+            raise MatesError(f"`--set {key}` value is {len(value):,} characters; the bound is "
+                             f"{bounds.MAX_SET_VALUE_CHARS:,}.")
+        out[key] = bounds.load_yaml(value, f"--set {key}")
     return out
 
 
