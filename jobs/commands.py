@@ -102,8 +102,11 @@ def cmd_ingest(args) -> int:
         if not args.data:
             raise MatesError("`--data` is required without `--recipe`.")
         recipe = recipe_from_dict({"data": args.data, "run": args.data}, overrides)
-    run_ingest(args.input, recipe.data, recipe, targets=parse_named_files(args.target, "--target"),
-               evals=parse_named_files(args.eval, "--eval"), source=args.source, force=args.force)
+    from schemas import bounds
+
+    bounds.check_url(args.input, "--input")
+    targets, evals = parse_named_files(args.target, "--target"), parse_named_files(args.eval, "--eval")
+    run_ingest(args.input, recipe.data, recipe, targets=targets, evals=evals, source=args.source, force=args.force)
     return 0
 
 
@@ -151,7 +154,9 @@ def cmd_embed(args) -> int:
 def cmd_curate(args) -> int:
     from training.stage_loop import curate_stage
 
-    curate_stage(args.run, args.stage, force=args.force, log=log)
+    from schemas.bounds import check_url
+
+    curate_stage(check_url(args.run, "--run"), args.stage, force=args.force, log=log)
     return 0
 
 
@@ -251,7 +256,9 @@ def cmd_query(args) -> int:
 
     from curation.store.run_views import query
 
-    table = query(args.run, args.sql, args.data)
+    from schemas.bounds import check_url
+
+    table = query(check_url(args.run, "run"), args.sql, args.data and check_url(args.data, "--data"))
     if table is None:
         return 0
     if args.parquet:

@@ -27,6 +27,7 @@ target or the pool is bad input too (curation/data/sets.py): refused before anyt
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -50,7 +51,7 @@ from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, re
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.recipe import IngestConfig, TokenizerConfig
-from schemas.storage import store_for, write_parquet
+from schemas.storage import store_for, write_fault, write_parquet
 
 
 @dataclass
@@ -203,9 +204,13 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     with tempfile.TemporaryDirectory(prefix="mates-ingest-") as tmp:
         mine = assign_files(files, ranks.world_size, _file_sizes(files) if ranks.world_size > 1 else None)[ranks.rank]
         tokenize_start = time.perf_counter()
-        counts = [c for part in ranks.collect(lambda: [
-            tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
-                          progress=progress, doc_name=names[i]) for i in mine]) for c in part]
+        def tokenize(i):
+            with _scratch(tmp):
+                write_fault(os.path.join(tmp, "scratch"))
+                return tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
+                                     progress=progress, doc_name=names[i])
+
+        counts = [c for part in ranks.collect(lambda: [tokenize(i) for i in mine]) for c in part]
         counts.sort(key=lambda c: c.file_index)
         _add_counts(summary, counts)
         if summary.documents == 0:
@@ -215,8 +220,9 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
                              f"(`ingest.min_tokens`); nothing to write.")
         first_ids = dict(zip([c.file_index for c in counts],
                              np.cumsum([0] + [c.samples for c in counts]).tolist()))
-        indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
-                   for k, v in part.items()}
+        with _scratch(tmp):
+            indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
+                       for k, v in part.items()}
         parts = [(i, first_ids[i], indexes[i]) for i in sorted(indexes)]
         summary.shards = sum(len(index["shards"]) for _, _, index in parts)
         summary.write_seconds = time.perf_counter() - tokenize_start
@@ -248,6 +254,17 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         ranks.barrier()  # no rank returns before the pool is committed
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@contextlib.contextmanager
+def _scratch(tmp: str):
+    """Local scratch writes (tokens, catalog columns, MDS parts): a full disk is one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise MatesError(f"ingest's local scratch {tmp} could not be written: {exc.strerror or exc} "
+                         f"(errno {exc.errno}); free space under TMPDIR (or point TMPDIR elsewhere) "
+                         f"and rerun. Nothing was written to `data`.") from exc
 
 
 def _add_counts(summary: IngestSummary, counts: list[FileCounts]) -> None:
