@@ -112,9 +112,9 @@ def cmd_ingest(args) -> int:
 
 # ---------------------------------------------------------------- run / curate / demo
 def cmd_run(args) -> int:
+    recipe = load(args.recipe, args.set)  # refused before the stack (torch, Composer) is imported
     from training.stage_loop import run_recipe
 
-    recipe = load(args.recipe, args.set)
     run_recipe(recipe, log=log, until_stage=args.until_stage)
     return 0
 

@@ -88,13 +88,15 @@ def load_yaml(text: str | bytes, where: str, max_bytes: int = MAX_RECIPE_BYTES):
     size = len(text.encode("utf-8") if isinstance(text, str) else text)
     if size > max_bytes:
         raise MatesError(f"`{where}` is {size:,} bytes; the bound for YAML is {max_bytes:,} bytes.")
-    loader = type("Loader", (_BoundedLoader,), {"where": where})(text)
+    loader = None
     try:
+        loader = type("Loader", (_BoundedLoader,), {"where": where})(text)  # reads: may refuse bytes
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         raise MatesError(f"`{where}` is not valid YAML: {str(exc).splitlines()[0]}") from exc
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def check_keys(node, where: str, path: str = "") -> None:
