@@ -114,12 +114,16 @@ def test_boundary_write_fault_commits_nothing_and_rerun_matches(local_pool, clea
     no_temporaries(run)
     rerun = mates(*args)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    stage = os.path.join("stages", "1")
-    want = {k: v for k, v in digest(clean_short_run).items() if k.startswith(stage) and "/index/" in f"/{k}"}
-    got = {k: v for k, v in digest(run).items() if k.startswith(stage) and "/index/" in f"/{k}"}
-    assert want and got == want                                      # the stage index, byte for byte
-    for name in ("selection.parquet",):
-        assert digest(run)[os.path.join(stage, name)] == digest(clean_short_run)[os.path.join(stage, name)]
+    stage = os.path.join(run, "stages", "1")
+    for folder, _, files in os.walk(stage):                        # the stage, byte for byte
+        for name in files:
+            if name == "_SUCCESS":                                    # holds the phases' wall-clock times
+                continue
+            path = os.path.join(folder, name)
+            got = open(path, "rb").read().replace(run.encode(), b"<run>")
+            clean = open(path.replace(run, clean_short_run), "rb").read().replace(clean_short_run.encode(), b"<run>")
+            assert got == clean, path
+    assert os.path.exists(os.path.join(stage, "selection.parquet"))
 
 
 # ---------------------------------------------------------------- the embedding store
