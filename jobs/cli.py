@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
-    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select", "backbones"])
+    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select", "backbones",
+                                          "bounds"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")

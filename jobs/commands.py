@@ -58,10 +58,15 @@ def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=Non
     from tqdm import tqdm
 
     from curation.data.ingest import ingest
-    from training import dist_utils
+    from curation.data.ranks import Ranks
 
-    dist_utils.init(recipe.device)  # the ranks exchange small objects only (counts, indexes)
-    ranks = dist_utils.ranks()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks exchange small objects only (counts, indexes)
+        from training import dist_utils
+
+        dist_utils.init(recipe.device)
+        ranks = dist_utils.ranks()
+    else:  # one process: no Composer import, so bad input is refused in about a second
+        ranks = Ranks()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_world > 1:  # the tokenizer's thread pool (rayon) takes every core in each rank otherwise
         os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
@@ -280,6 +285,11 @@ def cmd_bench(args) -> int:
         if not args.run:
             raise MatesError("`--run` is required for `mates bench backbones`.")
         print(json.dumps(bench_backbones(args.run, args.stage, log=log), indent=2))
+        return 0
+    if args.what == "bounds":  # needs no recipe: the hostile inputs are its own
+        from jobs.bench_bounds import bench_bounds
+
+        print(json.dumps(bench_bounds(out=args.out, log=log), indent=2))
         return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
     result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)

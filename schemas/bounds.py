@@ -23,7 +23,7 @@ MAX_RECIPE_BYTES = 1 << 20      # a recipe is a few KB; 1 MiB parses in about a 
 MAX_YAML_NODES = 20_000         # scalars + collections, aliases counted at their full size
 MAX_YAML_DEPTH = 64             # nested collections (a recipe nests four deep)
 MAX_JSON_DEPTH = 64             # nested arrays/objects in one corpus or set record
-MAX_LINE_BYTES = 64 << 20       # one JSONL record (a document of `ingest.max_doc_chars`, escaped)
+MAX_LINE_BYTES = 32 << 20       # one JSONL record: 10M characters (`ingest.max_doc_chars`) at 3 bytes each
 MAX_SET_BYTES = 64 << 20        # a target / eval set file, held in memory as rows
 MAX_PARQUET_FOOTER_BYTES = 8 << 20   # Parquet metadata (row groups x columns), parsed whole
 MAX_COLUMN_CHUNK_BYTES = 1 << 30     # one column of one row group, uncompressed
@@ -146,12 +146,19 @@ def check_url(url, what: str, max_chars: int = MAX_URL_CHARS) -> str:
 
 
 # ---------------------------------------------------------------- JSON records
-def json_depth(raw: bytes) -> int:
-    """The deepest nesting of arrays/objects in one JSON text (brackets inside strings skipped)."""
+def json_depth(raw: bytes, block: int = 1 << 20) -> int:
+    """The deepest nesting of arrays/objects in one JSON text (brackets inside strings skipped),
+    a block at a time so a long record costs a few MB of temporaries, not eight bytes per byte."""
     stripped = re.sub(rb'"(?:[^"\\]|\\.)*"', b"", raw)  # strings can hold brackets
     codes = np.frombuffer(stripped, dtype=np.uint8)
-    step = np.isin(codes, (91, 123)).astype(np.int32) - np.isin(codes, (93, 125)).astype(np.int32)
-    return int(np.cumsum(step).max(initial=0))
+    depth = deepest = 0
+    for start in range(0, len(codes), block):
+        c = codes[start:start + block]
+        step = ((c == 91) | (c == 123)).astype(np.int64) - ((c == 93) | (c == 125))
+        running = depth + np.cumsum(step)
+        if running.size:
+            deepest, depth = max(deepest, int(running.max())), int(running[-1])
+    return deepest
 
 
 def check_json_depth(raw: bytes, where: str, max_depth: int = MAX_JSON_DEPTH) -> None:

@@ -40,11 +40,14 @@ def _doc(record: dict, where: str, default_id: str, default_source: str) -> dict
             "source": str(source) if source else default_source}
 
 
-def bounded_lines(stream: BinaryIO, name: str, max_bytes: int = bounds.MAX_LINE_BYTES) -> Iterator[tuple[int, bytes]]:
+def bounded_lines(stream: BinaryIO, name: str, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
     """(line number, line) of a stream, read a block at a time; a line longer than `max_bytes`
-    is refused once that many bytes are buffered (a file without newlines never sits in memory)."""
-    pending: list[bytes] = []
-    held, lineno = 0, 0
+    is refused once that many bytes are buffered (a file without newlines never sits in memory).
+    A line spanning blocks is gathered in one bytearray (json.loads takes it as it is): its
+    bytes are held once, not once per block and again joined."""
+    max_bytes = max_bytes or bounds.MAX_LINE_BYTES
+    pending = bytearray()
+    lineno = 0
     while True:
         block = stream.read(LINE_BLOCK)
         if not block:
@@ -52,17 +55,19 @@ def bounded_lines(stream: BinaryIO, name: str, max_bytes: int = bounds.MAX_LINE_
         lines = block.split(b"\n")
         for piece in lines[:-1]:
             lineno += 1
-            if held + len(piece) > max_bytes:
-                _line_too_long(name, lineno, held + len(piece), max_bytes)
-            yield lineno, (b"".join(pending) + piece) if pending else piece
-            pending, held = [], 0
-        held += len(lines[-1])
-        if held > max_bytes:
-            _line_too_long(name, lineno + 1, held, max_bytes)
-        if lines[-1]:
-            pending.append(lines[-1])
+            if len(pending) + len(piece) > max_bytes:
+                _line_too_long(name, lineno, len(pending) + len(piece), max_bytes)
+            if pending:
+                pending += piece
+                line, pending = pending, bytearray()
+                yield lineno, line
+            else:
+                yield lineno, piece
+        pending += lines[-1]
+        if len(pending) > max_bytes:
+            _line_too_long(name, lineno + 1, len(pending), max_bytes)
     if pending:
-        yield lineno + 1, b"".join(pending)
+        yield lineno + 1, pending
 
 
 def _line_too_long(name: str, lineno: int, seen: int, max_bytes: int):
