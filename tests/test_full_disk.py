@@ -216,3 +216,25 @@ def test_two_processes_share_one_store(pool_copy, clean_store):
     stored = np.concatenate([np.asarray(t.column("sample_id")) for t in rows])
     assert set(stored.tolist()) == set(ids.tolist())                 # nothing lost
     no_temporaries(pool_copy)
+
+
+# ---------------------------------------------------------------- a run's own state
+def test_state_file_truncated_under_a_run_then_recovered(local_pool, clean_short_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(clean_short_run, run)
+    checkpoints = os.path.join(run, "checkpoints")
+    for name in ("stage-1-state.pt", "stage-1.pt"):                 # stage 1's training undone
+        os.remove(os.path.join(checkpoints, name))
+    state = os.path.join(checkpoints, "stage-0-state.pt")
+    with open(state, "r+b") as handle:                              # and the state it starts from cut short
+        handle.truncate(os.path.getsize(state) // 2)
+    args = ("run", MICRO_RECIPE, "--set", f"data={local_pool}", "--set", f"run={run}", *SHORT)
+    assert_one_line(mates(*args), "stage-0-state.pt", "remove it and rerun")
+    os.remove(state)                                                # what the line says to do
+    rerun = mates(*args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    got, want = (pq.read_table(os.path.join(r, "metrics.parquet")).to_pylist() for r in (run, clean_short_run))
+    assert [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in got] == \
+        [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in want]
