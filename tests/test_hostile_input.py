@@ -16,7 +16,7 @@ import pytest
 import curation.data.ingest  # noqa: F401  (imported once here: the timed refusals time the refusal,
 import composer  # noqa: F401   not the first import of Composer that `mates ingest` pays)
 from schemas import bounds
-from tests.conftest import MICRO_RECIPE, mates
+from tests.conftest import MICRO_RECIPE, mates, mates_process
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,24 @@ def test_hostile_recipe_is_refused_while_parsed(tmp_path, body, needle):
     started = time.perf_counter()
     assert_refused(run_recipe(str(recipe), tmp_path), str(recipe), needle, started=started)
     nothing_committed(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["recipe", "record"])
+def test_hostile_input_in_a_fresh_process(tmp_path, kind):
+    """The same refusals as the `mates` command itself gives them: its own exit status, its own
+    stderr, and (ingest no longer imports Composer for one process) within a few seconds."""
+    if kind == "recipe":
+        recipe = tmp_path / "laughs.yaml"
+        recipe.write_text(open(MICRO_RECIPE).read() + laughs(30) + "variables: {x: *l29}\n")
+        args, needle = ["run", str(recipe), "--set", f"run={tmp_path / 'run'}"], "YAML nodes"
+    else:
+        corpus = tmp_path / "deep.jsonl"
+        corpus.write_bytes(b'{"text": "x", "m": ' + b"[" * 1_000_000 + b"]" * 1_000_000 + b"}\n")
+        args, needle = ["ingest", "--input", str(corpus), "--data", str(tmp_path / "data")], "1,000,001 levels"
+    started = time.perf_counter()
+    assert_refused(mates_process(*args, timeout=120), needle, seconds=30, started=started)
+    nothing_committed(tmp_path)
+    assert not os.path.exists(tmp_path / "data")
 
 
 def test_oversized_recipe_is_refused_before_reading(tmp_path):
@@ -217,6 +235,7 @@ def tiny_run(tmp_path_factory):
     ("ATTACH '/tmp/mates-evil.db'", ["ATTACH statement, refused", "selection"]),
     ("SELECT 1; SELECT 2", ["holds 2 statements", "one read-only SELECT"]),
     ("INSTALL httpfs", ["LOAD statement, refused"]),
+    ("SELECT * FROM read_csv('https://example.com/x.csv')", ["remote file or URL outside the run", "(selection, stages)"]),
 ])
 def test_query_refusals_say_what_is_allowed(tiny_run, sql, needles):
     line = assert_refused(mates("query", tiny_run, sql), *needles)

@@ -116,7 +116,7 @@ def _markers_table(markers: list[dict]):
 
 def view_names(con) -> list[str]:
     return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal "
-                                      "ORDER BY view_name").fetchall()]
+                                      "AND NOT starts_with(view_name, '_') ORDER BY view_name").fetchall()]
 
 
 def _allowed(con) -> str:
@@ -149,8 +149,8 @@ def query(run_url: str, sql: str, data_url: str | None = None):
             raise MatesError(f"`SQL` reads a file outside the run, refused: {_allowed(con)}, not files "
                              f"(local or remote).") from exc
         if "extension" in message.lower() and ("autoload" in message.lower() or "not loaded" in message):
-            raise MatesError(f"`SQL` needs a DuckDB extension, refused: {_allowed(con)}, not files or "
-                             f"URLs.") from exc
+            raise MatesError(f"`SQL` reads a remote file or URL outside the run (DuckDB extensions are "
+                             f"off), refused: {_allowed(con)}, not files or URLs.") from exc
         raise MatesError(f"`SQL` failed: {message.strip().splitlines()[0]}") from exc
     finally:
         con.close()
