@@ -105,6 +105,9 @@ def clean_short_run(local_pool, tmp_path_factory):
 @pytest.mark.parametrize("fault, needle", [
     ("ENOSPC:stages/1/selection.parquet", "selection.parquet"),
     ("EIO:stages/1/_SUCCESS", "_SUCCESS"),
+    ("ENOSPC:stages/1/index/streams.json", "streams.json"),
+    ("ENOSPC:checkpoints/stage-0-state.pt", "stage-0-state.pt"),
+    ("EIO:metrics.parquet", "metrics.parquet"),
 ])
 def test_boundary_write_fault_commits_nothing_and_rerun_matches(local_pool, clean_short_run, tmp_path, fault, needle):
     run = str(tmp_path / "run")
@@ -124,6 +127,11 @@ def test_boundary_write_fault_commits_nothing_and_rerun_matches(local_pool, clea
             clean = open(path.replace(run, clean_short_run), "rb").read().replace(clean_short_run.encode(), b"<run>")
             assert got == clean, path
     assert os.path.exists(os.path.join(stage, "selection.parquet"))
+    import pyarrow.parquet as pq
+
+    got, want = (pq.read_table(os.path.join(r, "metrics.parquet")).to_pylist() for r in (run, clean_short_run))
+    assert [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in got] == \
+        [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in want]
 
 
 # ---------------------------------------------------------------- the embedding store
