@@ -334,8 +334,12 @@ def recipe_from_dict(raw: dict, overrides: Optional[dict] = None) -> Recipe:
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set run.x=1`: `run` is a value, not a section
+                where = ".".join(parents[:i + 1])
+                raise MatesError(f"`--set {dotted}`: `{where}` is {type(node).__name__} {str(node)[:40]!r}, "
+                                 f"not a section; set `{where}` itself.")
         node[last] = value
     variables = dict(raw.get("variables") or {})
     for key in ("data", "run"):

@@ -179,6 +179,7 @@ def test_bad_set_names_write_nothing(micro_corpus, tmp_path, name, needle):
     ("run=s3://Not_A_Bucket/run", "not an S3 bucket name"),
     ("stages/method=mates", "must be letters"),
     ("k" * 300 + "=1", "300 characters"),
+    ("model.d_model.x=1", "`model.d_model` is int"),
 ])
 def test_bad_urls_and_set_keys_write_nothing(tmp_path, setting, needle):
     args = ["run", MICRO_RECIPE, "--set", f"run={tmp_path / 'run'}", "--set", f"data={tmp_path / 'data'}",
