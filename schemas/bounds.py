@@ -28,6 +28,7 @@ MAX_SET_BYTES = 64 << 20        # a target / eval set file, held in memory as ro
 MAX_PARQUET_FOOTER_BYTES = 8 << 20   # Parquet metadata (row groups x columns), parsed whole
 MAX_COLUMN_CHUNK_BYTES = 1 << 30     # one column of one row group, uncompressed
 MAX_NAME_CHARS = 128            # a set name, a recipe key, a `--set` key
+MAX_ID_CHARS = 4096             # a document's `id` (URLs included)
 MAX_URL_CHARS = 1024            # `data`, `run`, `--input`
 MAX_SET_VALUE_CHARS = 65_536    # one `--set KEY=VALUE` value
 

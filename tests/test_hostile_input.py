@@ -158,6 +158,26 @@ def test_set_record_nested_too_deep(micro_corpus, tmp_path):
     assert not os.path.exists(tmp_path / "data")
 
 
+@pytest.mark.parametrize("record, needle", [
+    ('{"text": "half a pair \\ud800 here"}', "unpaired surrogate"),
+    ('{"text": "fine", "id": "' + "i" * 5000 + '"}', "`id` of 5,000 characters"),
+    ('{"text": "fine", "source": "' + "s" * 300 + '"}', "`source` of 300 characters"),
+])
+def test_records_no_writer_could_store_are_refused(tmp_path, record, needle):
+    corpus = tmp_path / "odd.jsonl"
+    corpus.write_text(json.dumps({"text": "a normal document " * 20}) + "\n" + record + "\n")
+    assert_refused(ingest(tmp_path, corpus, "--vocab-size", "300"), "odd.jsonl:2", needle)
+    assert not os.path.exists(tmp_path / "data")                    # no folder left behind either
+
+
+def test_set_row_with_unpaired_surrogate(micro_corpus, tmp_path):
+    bad = tmp_path / "aim.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "not \\udc00 text"}\n')
+    result = ingest(tmp_path, os.path.join(micro_corpus, "corpus.jsonl"), "--target", f"aim={bad}")
+    assert_refused(result, "aim.jsonl:2", "unpaired surrogate")
+    assert not os.path.exists(tmp_path / "data")
+
+
 # ---------------------------------------------------------------- 2. names and URLs
 @pytest.mark.parametrize("name, needle", [
     ("t" * 200, "200 characters"),

@@ -36,8 +36,24 @@ def _doc(record: dict, where: str, default_id: str, default_source: str) -> dict
     if not isinstance(text, str):
         raise MatesError(f"`{where}` has no string `text` field (keys: {sorted(record)}).")
     doc_id, source = record.get("id"), record.get("source")
-    return {"id": default_id if doc_id is None else str(doc_id), "text": text,
-            "source": str(source) if source else default_source}
+    doc = {"id": default_id if doc_id is None else str(doc_id), "text": text,
+           "source": str(source) if source else default_source}
+    for key, bound in (("id", bounds.MAX_ID_CHARS), ("source", bounds.MAX_NAME_CHARS)):
+        if len(doc[key]) > bound:
+            raise MatesError(f"`{where}` has an `{key}` of {len(doc[key]):,} characters; the bound is {bound:,} "
+                             f"(starts {doc[key][:40]!r}).")
+    return doc
+
+
+def _check_surrogates(doc: dict, where: str) -> None:
+    """JSON can spell an unpaired surrogate (`\\ud800`), which no UTF-8 writer accepts: refused here,
+    naming the record, not as a traceback from the tokenizer or the catalog writer."""
+    for key in ("text", "id", "source"):
+        try:
+            doc[key].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise MatesError(f"`{where}` has an unpaired surrogate ({doc[key][exc.start]!r}) in `{key}` at "
+                             f"character {exc.start:,}; it is not valid Unicode text.") from exc
 
 
 def bounded_lines(stream: BinaryIO, name: str, max_bytes: int | None = None) -> Iterator[tuple[int, bytes]]:
@@ -99,7 +115,10 @@ class JsonlReader:
             record = load_record(raw, where)
             if not isinstance(record, dict):
                 raise MatesError(f"`{where}` is not a JSON object.")
-            yield _doc(record, where, where, default_source)
+            doc = _doc(record, where, where, default_source)
+            if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make a surrogate: rare, so checked then
+                _check_surrogates(doc, where)
+            yield doc
 
 
 class ParquetReader:

@@ -100,6 +100,14 @@ def read_set_file(name: str, url: str, flag: str) -> NamedSet:
                 raise MatesError(f"`{url}:{lineno}` is a {row_kind} row in a {kind} set; one kind per file.")
             kind = row_kind
             rows.append({k: row[k] for k in KINDS[row_kind]})
+            if b"\\ud" in line or b"\\uD" in line:  # an escaped unpaired surrogate is not text
+                for k, v in rows[-1].items():
+                    if not v.isascii():
+                        try:
+                            v.encode("utf-8")
+                        except UnicodeEncodeError as exc:
+                            raise MatesError(f"`{url}:{lineno}` has an unpaired surrogate in `{k}` at character "
+                                             f"{exc.start:,}; it is not valid Unicode text.") from exc
     if not rows:
         raise MatesError(f"`{flag} {name}`: {url!r} holds no rows.")
     return NamedSet(name, kind, rows, url)
