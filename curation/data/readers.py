@@ -36,13 +36,14 @@ def _doc(record: dict, where: str, default_id: str, default_source: str) -> dict
     if not isinstance(text, str):
         raise MatesError(f"`{where}` has no string `text` field (keys: {sorted(record)}).")
     doc_id, source = record.get("id"), record.get("source")
-    doc = {"id": default_id if doc_id is None else str(doc_id), "text": text,
-           "source": str(source) if source else default_source}
-    for key, bound in (("id", bounds.MAX_ID_CHARS), ("source", bounds.MAX_NAME_CHARS)):
-        if len(doc[key]) > bound:
-            raise MatesError(f"`{where}` has an `{key}` of {len(doc[key]):,} characters; the bound is {bound:,} "
-                             f"(starts {doc[key][:40]!r}).")
-    return doc
+    doc_id = default_id if doc_id is None else str(doc_id)
+    source = str(source) if source else default_source
+    if len(doc_id) > bounds.MAX_ID_CHARS or len(source) > bounds.MAX_NAME_CHARS:
+        key, value, bound = ("id", doc_id, bounds.MAX_ID_CHARS) if len(doc_id) > bounds.MAX_ID_CHARS \
+            else ("source", source, bounds.MAX_NAME_CHARS)
+        raise MatesError(f"`{where}` has an `{key}` of {len(value):,} characters; the bound is {bound:,} "
+                         f"(starts {value[:40]!r}).")
+    return {"id": doc_id, "text": text, "source": source}
 
 
 def _check_surrogates(doc: dict, where: str) -> None:
@@ -96,10 +97,17 @@ def load_record(raw: bytes, where: str):
     bounds.check_json_depth(raw, where)
     try:
         return json.loads(raw)  # bytes in: json decodes the UTF-8 itself
-    except UnicodeDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        _bad_record(exc, where)
+
+
+def _bad_record(exc: Exception, where: str):
+    if isinstance(exc, UnicodeDecodeError):
         raise MatesError(f"`{where}` is not valid UTF-8 (byte {exc.start}); re-encode the file.") from exc
-    except ValueError as exc:
-        raise MatesError(f"`{where}` is not valid JSON: {getattr(exc, 'msg', exc)}.") from exc
+    if isinstance(exc, RecursionError):  # brackets in strings hid the depth from the count: still one line
+        raise MatesError(f"`{where}` nests JSON deeper than Python can parse; the bound is "
+                         f"{bounds.MAX_JSON_DEPTH}.") from exc
+    raise MatesError(f"`{where}` is not valid JSON: {getattr(exc, 'msg', exc)}.") from exc
 
 
 class JsonlReader:
@@ -108,15 +116,21 @@ class JsonlReader:
     suffixes = (".jsonl", ".json")
 
     def read(self, stream: BinaryIO, name: str, default_source: str) -> Iterator[dict]:
+        loads, max_depth = json.loads, bounds.MAX_JSON_DEPTH
         for lineno, raw in bounded_lines(stream, name):
             if raw.isspace() or not raw:
                 continue
             where = f"{name}:{lineno}"
-            record = load_record(raw, where)
+            if raw.count(b"[") + raw.count(b"{") > max_depth:  # two C scans; the exact depth only then
+                bounds.check_json_depth(raw, where)
+            try:
+                record = loads(raw)  # bytes in: json decodes the UTF-8 itself
+            except (ValueError, RecursionError) as exc:
+                _bad_record(exc, where)
             if not isinstance(record, dict):
                 raise MatesError(f"`{where}` is not a JSON object.")
             doc = _doc(record, where, where, default_source)
-            if b"\\ud" in raw or b"\\uD" in raw:  # only an escape can make a surrogate: rare, so checked then
+            if b"\\u" in raw and (b"\\ud" in raw or b"\\uD" in raw):  # only an escape makes a surrogate
                 _check_surrogates(doc, where)
             yield doc
 
