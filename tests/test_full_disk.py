@@ -246,3 +246,41 @@ def test_state_file_truncated_under_a_run_then_recovered(local_pool, clean_short
     got, want = (pq.read_table(os.path.join(r, "metrics.parquet")).to_pylist() for r in (run, clean_short_run))
     assert [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in got] == \
         [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in want]
+
+
+def test_two_frozen_runs_at_once_share_the_store(local_pool, tmp_path):
+    """Two `mates run` processes at once over one pool, `backbone: frozen`: both embed the stage's
+    candidates into the same store. Both finish, select the same samples (same recipe and seed),
+    and every candidate's stored embedding is readable and equal to a fresh single pass."""
+    data = str(tmp_path / "data")
+    shutil.copytree(local_pool, data, ignore=shutil.ignore_patterns("embeddings"))
+    options = ("stages.options={backbone: frozen, n_probes: 16, probe_batch: 16, encoder_layers: 1, "
+               "encoder_max_len: 32, max_target: 8, head_epochs: 5}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = []
+    for name in ("a", "b"):
+        cmd = [sys.executable, "-m", "jobs.cli", "run", MICRO_RECIPE, "--set", f"data={data}",
+               "--set", f"run={tmp_path / name}", "--set", "stages.batches=[6, 4]", "--set", "stages.pool_per_stage=160",
+               "--set", "stages.method=mates", "--set", options]
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-1500:] for o in outs]
+    import pyarrow.parquet as pq
+
+    a, b = (pq.read_table(os.path.join(tmp_path, r, "stages", "1", "selection.parquet")) for r in ("a", "b"))
+    assert a.equals(b)
+    from curation.influence.embeddings import EmbeddingSettings, EmbeddingStore
+
+    settings = EmbeddingSettings(layers_kept=1, max_len=32)
+    ids = np.asarray(a.column("sample_id"))                          # the stage's candidates
+    stored = EmbeddingStore(data, settings).load(ids)               # every one there, readable
+    fresh = str(tmp_path / "fresh")
+    shutil.copytree(local_pool, fresh, ignore=shutil.ignore_patterns("embeddings"))
+    from curation.data.tokenizer import load_pool_tokenizer
+    from curation.store.pool import MDSFolder
+    from schemas.storage import join
+
+    store = EmbeddingStore(fresh, settings, part_size=2048)
+    store.ensure(ids, pool=MDSFolder(join(fresh, "pool")), pool_tokenizer=load_pool_tokenizer(fresh), progress=False)
+    assert np.abs(stored - store.load(ids)).max() < 1e-5             # same values (batching aside)
+    no_temporaries(data)

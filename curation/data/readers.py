@@ -1,9 +1,16 @@
 """Readers: documents from JSONL / JSON / Parquet / text files, plain or compressed, local or `s3://`.
 
 A document is {"id", "text", "source"}. `id` defaults to `<file>:<line>` (`<file>:<row>` for
-Parquet) and `source` to the reader's `default_source`; `text` is required. Bad input stops with
-a one-line error naming the file and line: a record without `text`, text that is not valid UTF-8,
-a truncated or corrupt compressed file, or no documents at all.
+Parquet), `<file>` being the path relative to the `--input` folder, so same-named files in two
+folders never share an id; `source` defaults to the reader's `default_source`; `text` is
+required. Bad input stops with a one-line error naming the file and line: a record without
+`text`, text that is not valid UTF-8 (or an escaped unpaired surrogate), a truncated or corrupt
+compressed file, or no documents at all.
+
+Bounded parsing (schemas/bounds.py). A JSONL line is gathered a block at a time and refused past
+`MAX_LINE_BYTES` before it is parsed; its nesting is checked before `json.loads` recurses; a
+Parquet footer's length is checked before pyarrow parses it, and a column chunk's size before
+it is read.
 
 Bounded memory. Every file is opened as a stream through the store's fsspec filesystem (S3:
 ranged reads with read-ahead), decompressed on the fly (`.gz`, `.zst`) and read line by line;
