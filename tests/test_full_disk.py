@@ -108,6 +108,7 @@ def clean_short_run(local_pool, tmp_path_factory):
     ("ENOSPC:stages/1/index/streams.json", "streams.json"),
     ("ENOSPC:checkpoints/stage-0-state.pt", "stage-0-state.pt"),
     ("EIO:metrics.parquet", "metrics.parquet"),
+    ("ENOSPC:scratch", "index scratch"),
 ])
 def test_boundary_write_fault_commits_nothing_and_rerun_matches(local_pool, clean_short_run, tmp_path, fault, needle):
     run = str(tmp_path / "run")

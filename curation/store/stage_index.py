@@ -23,7 +23,7 @@ from curation.failpoints import failpoint
 from curation.store.pool import MDSFolder
 from schemas import streams, tables
 from schemas.errors import MatesError
-from schemas.storage import join, store_for, write_parquet
+from schemas.storage import join, store_for, write_fault, write_parquet
 
 
 def stage_url(run_url: str, stage: int) -> str:
@@ -67,10 +67,15 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
             streams.check_relative_name(bucket, f"selection bucket of stage {stage}")
             members = np.sort(ids[buckets == bucket])
             out_dir = os.path.join(tmp, bucket)
-            with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
-                           progress_bar=False) as writer:
-                for sample in pool.iter_items(members):
-                    writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+            try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
+                write_fault(os.path.join(tmp, "scratch"))
+                with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+                               progress_bar=False) as writer:
+                    for sample in pool.iter_items(members):
+                        writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+            except OSError as exc:
+                raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
+                                 f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
             for name in sorted(os.listdir(out_dir)):  # shards first, index.json last
                 if name != "index.json":
                     store.put_file(os.path.join(out_dir, name), "index", bucket, name)
