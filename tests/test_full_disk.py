@@ -285,3 +285,31 @@ def test_two_frozen_runs_at_once_share_the_store(local_pool, tmp_path):
     store.ensure(ids, pool=MDSFolder(join(fresh, "pool")), pool_tokenizer=load_pool_tokenizer(fresh), progress=False)
     assert np.abs(stored - store.load(ids)).max() < 1e-5             # same values (batching aside)
     no_temporaries(data)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "deleted"])
+def test_stage_index_shard_damaged_under_a_run_then_recovered(local_pool, clean_short_run, tmp_path, damage):
+    run = str(tmp_path / "run")
+    shutil.copytree(clean_short_run, run)
+    for name in ("stage-1-state.pt", "stage-1.pt"):                 # stage 1 still to train...
+        os.remove(os.path.join(run, "checkpoints", name))
+    index = os.path.join(run, "stages", "1", "index")
+    bucket = sorted(b for b in os.listdir(index) if os.path.isdir(os.path.join(index, b)))[0]
+    shard = os.path.join(index, bucket, "shard.00000.mds")
+    if damage == "truncated":                                       # ...from an index damaged under it
+        with open(shard, "r+b") as handle:
+            handle.truncate(os.path.getsize(shard) // 2)
+    else:
+        os.remove(shard)
+    args = ("run", MICRO_RECIPE, "--set", f"data={local_pool}", "--set", f"run={run}", *SHORT)
+    assert_one_line(mates(*args), f"{bucket}/shard.00000.mds", "truncated" if damage == "truncated" else "missing",
+                    "rerun")
+    assert not os.path.exists(os.path.join(run, "stages", "1", "_SUCCESS"))  # decommitted, so...
+    rerun = mates(*args)                                            # ...the rerun redoes the stage
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    import pyarrow.parquet as pq
+
+    got, want = (pq.read_table(os.path.join(r, "metrics.parquet")).to_pylist() for r in (run, clean_short_run))
+    assert [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in got] == \
+        [(m["stage"], m["eval_set"], round(m["loss"], 5)) for m in want]
+    assert open(shard, "rb").read() == open(shard.replace(run, clean_short_run), "rb").read()
