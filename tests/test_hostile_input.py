@@ -178,6 +178,17 @@ def test_set_row_with_unpaired_surrogate(micro_corpus, tmp_path):
     assert not os.path.exists(tmp_path / "data")
 
 
+def test_pool_shard_deleted_under_a_run(local_pool, tmp_path):
+    import shutil
+
+    data = str(tmp_path / "data")
+    shutil.copytree(local_pool, data, ignore=shutil.ignore_patterns("embeddings"))
+    os.remove(os.path.join(data, "pool", "part-00000", "shard.00000.mds"))
+    result = mates("run", MICRO_RECIPE, "--set", f"data={data}", "--set", f"run={tmp_path / 'run'}")
+    assert_refused(result, "part-00000/shard.00000.mds", "is missing", "re-ingest")
+    assert not os.path.exists(tmp_path / "run" / "stages" / "0" / "_SUCCESS")
+
+
 # ---------------------------------------------------------------- 2. names and URLs
 @pytest.mark.parametrize("name, needle", [
     ("t" * 200, "200 characters"),
