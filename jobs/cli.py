@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
-    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select", "backbones"])
+    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select", "backbones",
+                                          "bounds"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")
@@ -118,14 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(pairs: list[str]) -> dict:
-    import yaml
+    """`--set KEY=VALUE` pairs -> {dotted key: value}; keys are checked names, values bounded YAML."""
+    from schemas import bounds
 
     out = {}
     for pair in pairs:
         if "=" not in pair:
-            raise MatesError(f"`--set` takes KEY=VALUE; got {pair!r}.")
+            raise MatesError(f"`--set` takes KEY=VALUE; got {pair[:80]!r}.")
         key, value = pair.split("=", 1)
-        out[key] = yaml.safe_load(value)
+        for part in key.split("."):
+            bounds.check_name(part, f"--set {key[:80]}", bounds.KEY)
+        if len(value) > bounds.MAX_SET_VALUE_CHARS:
+            raise MatesError(f"`--set {key}` value is {len(value):,} characters; the bound is "
+                             f"{bounds.MAX_SET_VALUE_CHARS:,}.")
+        out[key] = bounds.load_yaml(value, f"--set {key}")
     return out
 
 

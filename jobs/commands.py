@@ -58,10 +58,15 @@ def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=Non
     from tqdm import tqdm
 
     from curation.data.ingest import ingest
-    from training import dist_utils
+    from curation.data.ranks import Ranks
 
-    dist_utils.init(recipe.device)  # the ranks exchange small objects only (counts, indexes)
-    ranks = dist_utils.ranks()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks exchange small objects only (counts, indexes)
+        from training import dist_utils
+
+        dist_utils.init(recipe.device)
+        ranks = dist_utils.ranks()
+    else:  # one process: no Composer import, so bad input is refused in about a second
+        ranks = Ranks()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_world > 1:  # the tokenizer's thread pool (rayon) takes every core in each rank otherwise
         os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
@@ -102,16 +107,19 @@ def cmd_ingest(args) -> int:
         if not args.data:
             raise MatesError("`--data` is required without `--recipe`.")
         recipe = recipe_from_dict({"data": args.data, "run": args.data}, overrides)
-    run_ingest(args.input, recipe.data, recipe, targets=parse_named_files(args.target, "--target"),
-               evals=parse_named_files(args.eval, "--eval"), source=args.source, force=args.force)
+    from schemas import bounds
+
+    bounds.check_url(args.input, "--input")
+    targets, evals = parse_named_files(args.target, "--target"), parse_named_files(args.eval, "--eval")
+    run_ingest(args.input, recipe.data, recipe, targets=targets, evals=evals, source=args.source, force=args.force)
     return 0
 
 
 # ---------------------------------------------------------------- run / curate / demo
 def cmd_run(args) -> int:
+    recipe = load(args.recipe, args.set)  # refused before the stack (torch, Composer) is imported
     from training.stage_loop import run_recipe
 
-    recipe = load(args.recipe, args.set)
     run_recipe(recipe, log=log, until_stage=args.until_stage)
     return 0
 
@@ -151,7 +159,9 @@ def cmd_embed(args) -> int:
 def cmd_curate(args) -> int:
     from training.stage_loop import curate_stage
 
-    curate_stage(args.run, args.stage, force=args.force, log=log)
+    from schemas.bounds import check_url
+
+    curate_stage(check_url(args.run, "--run"), args.stage, force=args.force, log=log)
     return 0
 
 
@@ -251,7 +261,9 @@ def cmd_query(args) -> int:
 
     from curation.store.run_views import query
 
-    table = query(args.run, args.sql, args.data)
+    from schemas.bounds import check_url
+
+    table = query(check_url(args.run, "run"), args.sql, args.data and check_url(args.data, "--data"))
     if table is None:
         return 0
     if args.parquet:
@@ -273,6 +285,11 @@ def cmd_bench(args) -> int:
         if not args.run:
             raise MatesError("`--run` is required for `mates bench backbones`.")
         print(json.dumps(bench_backbones(args.run, args.stage, log=log), indent=2))
+        return 0
+    if args.what == "bounds":  # needs no recipe: the hostile inputs are its own
+        from jobs.bench_bounds import bench_bounds
+
+        print(json.dumps(bench_bounds(out=args.out, log=log), indent=2))
         return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
     result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)

@@ -42,8 +42,11 @@ def load_probe_state(url: str, *parts: str, map_location="cpu") -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
+        # States are written atomically, so an unreadable one was damaged from outside (a
+        # truncated copy, a deleted-and-recreated store): say how to recover, not just what broke.
         raise MatesError(f"`{where}` is not a probe state checkpoint: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0][:200]}") from exc
+                         f"{str(exc).splitlines()[0][:200]}; remove it and rerun (the stage that wrote "
+                         f"it is trained again, to the same state).") from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise MatesError(f"`{where}` is not a {FORMAT} file.")
     if state.get("version") != VERSION:

@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from schemas import bounds
 from schemas.errors import MatesError
 from schemas.method_options import METHOD_OPTIONS
 
@@ -329,35 +330,47 @@ def recipe_from_dict(raw: dict, overrides: Optional[dict] = None) -> Recipe:
     if not isinstance(raw, dict):
         raise MatesError(f"`recipe` must be a YAML mapping; got {type(raw).__name__}.")
     raw = dict(raw)
+    bounds.check_keys(raw, "recipe")
     for dotted, value in (overrides or {}).items():
         node = raw
         *parents, last = dotted.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):  # `--set run.x=1`: `run` is a value, not a section
+                where = ".".join(parents[:i + 1])
+                raise MatesError(f"`--set {dotted}`: `{where}` is {type(node).__name__} {str(node)[:40]!r}, "
+                                 f"not a section; set `{where}` itself.")
         node[last] = value
     variables = dict(raw.get("variables") or {})
     for key in ("data", "run"):
         if isinstance(raw.get(key), str):
             variables.setdefault(key, raw[key])
     raw = _interpolate(raw, variables)
-    return _validate(build(Recipe, raw))
+    recipe = _validate(build(Recipe, raw))
+    for key in ("data", "run"):  # before anything is written under them
+        bounds.check_url(getattr(recipe, key), key)
+    return recipe
 
 
 def load_recipe(path_or_text: str, overrides: Optional[dict] = None) -> Recipe:
-    """Load a recipe from a YAML file path (or YAML text) and validate it whole."""
+    """Load a recipe from a YAML file path (or YAML text) and validate it whole.
+
+    The file's size is checked before it is read, and YAML is parsed within the node and depth
+    bounds of schemas/bounds.py: a hostile recipe costs a second, not gigabytes."""
     import os
 
-    text = path_or_text
+    text, where = path_or_text, "recipe"
     if "\n" not in path_or_text:
         if not os.path.exists(path_or_text):
-            raise MatesError(f"`recipe` file {path_or_text!r} does not exist.")
-        with open(path_or_text, encoding="utf-8") as handle:
+            raise MatesError(f"`recipe` file {path_or_text[:200]!r} does not exist.")
+        where = path_or_text
+        size = os.path.getsize(path_or_text)
+        if size > bounds.MAX_RECIPE_BYTES:
+            raise MatesError(f"`{where}` is {size:,} bytes; the bound for a recipe is "
+                             f"{bounds.MAX_RECIPE_BYTES:,} bytes.")
+        with open(path_or_text, "rb") as handle:
             text = handle.read()
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise MatesError(f"`recipe` is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    return recipe_from_dict(raw, overrides)
+    return recipe_from_dict(bounds.load_yaml(text, where), overrides)
 
 
 def dump_recipe(recipe: Recipe) -> str:

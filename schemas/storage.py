@@ -121,30 +121,37 @@ class Store:
         """Write `data` atomically (see the module docstring)."""
         path = self.path(*parts)
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
+            self._write_local(path, lambda dst: dst.write(data), parts)
         else:
-            self._call(self.fs.pipe_file, path, data)
+            self._call(_faulted(self.fs.pipe_file, path), path, data)
 
     def put_file(self, local_path: str, *parts: str) -> None:
         """Copy a local file into the store atomically."""
         path = self.path(*parts)
         if isinstance(self.fs, fsspec.implementations.local.LocalFileSystem):
             # copied in chunks, not read whole: a pool's catalog can be larger than memory allows
+            with open(local_path, "rb") as src:
+                self._write_local(path, lambda dst: shutil.copyfileobj(src, dst, 8 << 20), parts)
+        else:
+            self._call(_faulted(self.fs.put_file, path), local_path, path)
+
+    def _write_local(self, path: str, write, parts) -> None:
+        """Write through a hidden temporary file and rename it into place; a failed write (a full
+        disk, an I/O error) removes the temporary file and is one line naming the file."""
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
+        try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
-            with open(local_path, "rb") as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 8 << 20)
+            with open(tmp, "wb") as dst:
+                write(dst)
+                write_fault(path)
                 dst.flush()
                 os.fsync(dst.fileno())
             os.replace(tmp, path)
-        else:
-            self._call(self.fs.put_file, local_path, path)
+        except OSError as exc:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise MatesError(f"`{self.url_of(*parts)}` could not be written: {exc.strerror or exc} "
+                             f"(errno {exc.errno}); free space or fix the disk, then rerun.") from exc
 
     def get_file(self, local_path: str, *parts: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
@@ -199,10 +206,34 @@ class Store:
             raise
 
 
+def write_fault(path: str) -> None:
+    """A failpoint for tests (curation/failpoints.py): `MATES_WRITE_FAULT=ENOSPC:<suffix>` (or
+    `EIO:<suffix>`) makes every store write of a path ending in `<suffix>` fail as a full disk (or
+    an I/O error) would. Unset, it costs one dictionary lookup."""
+    fault = os.environ.get("MATES_WRITE_FAULT")
+    if fault:
+        import errno
+
+        name, _, suffix = fault.partition(":")
+        if path.endswith(suffix):
+            code = getattr(errno, name)
+            raise OSError(code, os.strerror(code), path)
+
+
+def _faulted(fn, path: str):
+    def call(*args, **kwargs):
+        write_fault(path)
+        return fn(*args, **kwargs)
+    return call
+
+
 def store_for(url: str) -> Store:
     """The `Store` that a local path, `file://` or `s3://` URL names."""
     if not url:
         raise MatesError("`url` is empty; give a local directory or s3://bucket/prefix.")
+    if len(url) > 4096 or any(ord(c) < 32 or c == "\x7f" for c in url):
+        raise MatesError(f"`url` {url[:80]!r} is over 4096 characters or holds a control character; "
+                         f"give a local directory or s3://bucket/prefix.")
     if url.startswith("s3://"):
         bucket_and_prefix = url[len("s3://"):].rstrip("/")
         if not bucket_and_prefix:

@@ -193,7 +193,7 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
         dataset = InMemorySamples(in_memory)
     else:
         marker = store_for(stage_url(r.run, stage)).read_bytes("_SUCCESS")
-        dataset = streaming_dataset(read_stage_streams(r.run, stage), batch_size=per_rank,
+        dataset = streaming_dataset(read_stage_streams(r.run, stage, decommit_damaged=rank == 0), batch_size=per_rank,
                                     shuffle=r.train_loader.shuffle, seed=r.seed + stage,
                                     cache_tag=hashlib.sha1(marker).hexdigest())
     loader = mds_loader(dataset, batch_size=per_rank, pad_id=ctx.eos_id, num_workers=r.train_loader.num_workers)

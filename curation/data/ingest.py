@@ -27,6 +27,7 @@ target or the pool is bad input too (curation/data/sets.py): refused before anyt
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -44,13 +45,13 @@ import pyarrow.parquet  # noqa: F401  (pa.parquet)
 from curation.data import tokenizer as tokmod
 from curation.data.pool_parts import POOL_COLUMNS, FileCounts, catalog_part, part_name, tokenize_file, write_part  # noqa: F401
 from curation.data.ranks import Ranks
-from curation.data.readers import input_files, read_file
+from curation.data.readers import doc_name, input_files, read_file
 from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, refuse_pool_overlap,
                                 set_entry, tokenize_set)
 from schemas import tables
 from schemas.errors import MatesError
 from schemas.recipe import IngestConfig, TokenizerConfig
-from schemas.storage import store_for, write_parquet
+from schemas.storage import store_for, write_fault, write_parquet
 
 
 @dataclass
@@ -82,13 +83,14 @@ def _checked(docs: Iterator[dict], max_chars: int) -> Iterator[dict]:
         yield doc
 
 
-def _tokenizer_sample(files: list[str], budget_chars: int, default_source: str, checked) -> Iterator[str]:
+def _tokenizer_sample(files: list[str], budget_chars: int, default_source: str, checked,
+                      names: list[str] | None = None) -> Iterator[str]:
     """A deterministic sample to train the BPE on: the first `budget / n_files` characters of
     every file (at least one document each), in file order; the same whatever the ranks."""
     per_file = max(1, budget_chars // len(files))
-    for file_url in files:
+    for i, file_url in enumerate(files):
         seen = 0
-        for doc in checked(read_file(file_url, default_source)):
+        for doc in checked(read_file(file_url, default_source, names[i] if names else None)):
             yield doc["text"]
             seen += len(doc["text"])
             if seen >= per_file:
@@ -110,10 +112,10 @@ def _file_sizes(files: list[str]) -> list[int]:
     return [store_for(url).size() for url in files]
 
 
-def _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked):
+def _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked, names=None):
     if tokenizer_cfg.path:
         return tokmod.load_tokenizer_file(tokenizer_cfg.path)
-    return tokmod.train_bpe(_tokenizer_sample(files, tokenizer_cfg.train_chars, default_source, checked),
+    return tokmod.train_bpe(_tokenizer_sample(files, tokenizer_cfg.train_chars, default_source, checked, names),
                             tokenizer_cfg.vocab_size)
 
 
@@ -190,8 +192,9 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         return refuse_pool_overlap(_checked(docs, cfg.max_doc_chars), eval_hashes)
 
     files = input_files(input_url)
+    names = [doc_name(input_url, f) for f in files]  # ids unique across folders: the relative path
     # rank 0 trains (or loads) the tokenizer on the sample; every rank gets its JSON
-    tok_json = ranks.collect(lambda: _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked)
+    tok_json = ranks.collect(lambda: _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked, names)
                              .to_str() if ranks.rank == 0 else None)[0]
     tok = tokmod.Tokenizer.from_str(tok_json)
     if tok.get_vocab_size() > 65536:
@@ -201,9 +204,13 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     with tempfile.TemporaryDirectory(prefix="mates-ingest-") as tmp:
         mine = assign_files(files, ranks.world_size, _file_sizes(files) if ranks.world_size > 1 else None)[ranks.rank]
         tokenize_start = time.perf_counter()
-        counts = [c for part in ranks.collect(lambda: [
-            tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
-                          progress=progress) for i in mine]) for c in part]
+        def tokenize(i):
+            with _scratch(tmp):
+                write_fault(os.path.join(tmp, "scratch"))
+                return tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
+                                     progress=progress, doc_name=names[i])
+
+        counts = [c for part in ranks.collect(lambda: [tokenize(i) for i in mine]) for c in part]
         counts.sort(key=lambda c: c.file_index)
         _add_counts(summary, counts)
         if summary.documents == 0:
@@ -213,8 +220,9 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
                              f"(`ingest.min_tokens`); nothing to write.")
         first_ids = dict(zip([c.file_index for c in counts],
                              np.cumsum([0] + [c.samples for c in counts]).tolist()))
-        indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
-                   for k, v in part.items()}
+        with _scratch(tmp):
+            indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
+                       for k, v in part.items()}
         parts = [(i, first_ids[i], indexes[i]) for i in sorted(indexes)]
         summary.shards = sum(len(index["shards"]) for _, _, index in parts)
         summary.write_seconds = time.perf_counter() - tokenize_start
@@ -246,6 +254,17 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         ranks.barrier()  # no rank returns before the pool is committed
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+@contextlib.contextmanager
+def _scratch(tmp: str):
+    """Local scratch writes (tokens, catalog columns, MDS parts): a full disk is one line."""
+    try:
+        yield
+    except OSError as exc:
+        raise MatesError(f"ingest's local scratch {tmp} could not be written: {exc.strerror or exc} "
+                         f"(errno {exc.errno}); free space under TMPDIR (or point TMPDIR elsewhere) "
+                         f"and rerun. Nothing was written to `data`.") from exc
 
 
 def _add_counts(summary: IngestSummary, counts: list[FileCounts]) -> None:

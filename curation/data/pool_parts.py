@@ -66,8 +66,9 @@ def slice_bounds(n_ids: int, seq_len: int, min_tokens: int) -> tuple[list[int], 
 
 
 def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, default_source: str,
-                  checked, progress=None) -> FileCounts:
-    """Phase 1: the documents of one file -> scratch tokens, slice lengths and catalog columns."""
+                  checked, progress=None, doc_name: str | None = None) -> FileCounts:
+    """Phase 1: the documents of one file -> scratch tokens, slice lengths and catalog columns.
+    `doc_name`: the file's path under `--input` (readers.doc_name), the stem of default doc ids."""
     eos = tok.token_to_id("<|endoftext|>")
     paths = _part_paths(scratch, file_index)
     counts = FileCounts(file_index)
@@ -76,7 +77,7 @@ def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, def
     with open(paths["tokens"], "wb") as tokens_out, \
             pq.ParquetWriter(paths["catalog"], SCRATCH_SCHEMA, compression="none") as catalog_out:
         batch: list[dict] = []
-        docs = checked(read_file(file_url, default_source))
+        docs = checked(read_file(file_url, default_source, doc_name))
         while True:
             batch.clear()
             for doc in docs:

@@ -19,20 +19,17 @@ examples it aimed at.
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
-import re
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from schemas import tables
+from schemas import bounds, tables
 from schemas.errors import MatesError
 from schemas.storage import read_parquet, store_for
 
 TARGETS, EVAL = "targets", "eval"
 KINDS = {"lm": ("text",), "cloze": ("context", "target")}
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -60,8 +57,7 @@ def parse_named_files(pairs: list[str] | None, flag: str) -> dict[str, str]:
         name, sep, path = pair.partition("=")
         if not sep or not path:
             raise MatesError(f"`{flag}` takes NAME=FILE (JSONL with `text`, or `context` + `target`); got {pair!r}.")
-        if not _NAME.fullmatch(name):
-            raise MatesError(f"`{flag}` name {name!r} must be letters, digits, '_', '.' or '-'.")
+        bounds.check_name(name, f"{flag} name")  # before anything is read or written
         if name in out:
             raise MatesError(f"`{flag}` names {name!r} twice.")
         out[name] = path
@@ -69,28 +65,49 @@ def parse_named_files(pairs: list[str] | None, flag: str) -> dict[str, str]:
 
 
 def read_set_file(name: str, url: str, flag: str) -> NamedSet:
-    """Read one JSONL set; every row must have the fields of one loss kind (all rows the same)."""
+    """Read one JSONL set; every row must have the fields of one loss kind (all rows the same).
+
+    Bounded: the file's size is checked before it is read (a set is held in memory as rows), and
+    each line is read and parsed within the bounds of curation/data/readers.py."""
+    from curation.data.readers import bounded_lines, load_record
+
     parent, base = posixpath.split(url.rstrip("/")) if "://" in url else (None, url)
+    store = store_for(parent) if parent else store_for(url)
+    parts = (base,) if parent else ()
     try:
-        data = store_for(parent).read_bytes(base) if parent else open(url, "rb").read()
-    except (FileNotFoundError, IsADirectoryError, MatesError) as exc:
+        size = store.size(*parts)
+        if size > bounds.MAX_SET_BYTES:
+            raise MatesError(f"`{flag} {name}`: {url!r} is {size:,} bytes; the bound for a set file is "
+                             f"{bounds.MAX_SET_BYTES:,} bytes.")
+        stream = store.open_read(*parts)
+    except (FileNotFoundError, IsADirectoryError) as exc:
+        raise MatesError(f"`{flag} {name}`: cannot read {url!r} ({exc}).") from exc
+    except MatesError as exc:
+        if "bound" in str(exc):
+            raise
         raise MatesError(f"`{flag} {name}`: cannot read {url!r} ({exc}).") from exc
     rows, kind = [], None
-    for lineno, line in enumerate(data.decode("utf-8", errors="strict").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise MatesError(f"`{url}:{lineno}` is not valid JSON: {exc.msg}.") from exc
-        row_kind = next((k for k, keys in KINDS.items()
-                         if isinstance(row, dict) and all(isinstance(row.get(f), str) for f in keys)), None)
-        if row_kind is None:
-            raise MatesError(f"`{url}:{lineno}` must have a string `text` (lm) or `context` + `target` (cloze).")
-        if kind not in (None, row_kind):
-            raise MatesError(f"`{url}:{lineno}` is a {row_kind} row in a {kind} set; one kind per file.")
-        kind = row_kind
-        rows.append({k: row[k] for k in KINDS[row_kind]})
+    with stream:
+        for lineno, line in bounded_lines(stream, url):
+            if not line.strip():
+                continue
+            row = load_record(line, f"{url}:{lineno}")
+            row_kind = next((k for k, keys in KINDS.items()
+                             if isinstance(row, dict) and all(isinstance(row.get(f), str) for f in keys)), None)
+            if row_kind is None:
+                raise MatesError(f"`{url}:{lineno}` must have a string `text` (lm) or `context` + `target` (cloze).")
+            if kind not in (None, row_kind):
+                raise MatesError(f"`{url}:{lineno}` is a {row_kind} row in a {kind} set; one kind per file.")
+            kind = row_kind
+            rows.append({k: row[k] for k in KINDS[row_kind]})
+            if b"\\ud" in line or b"\\uD" in line:  # an escaped unpaired surrogate is not text
+                for k, v in rows[-1].items():
+                    if not v.isascii():
+                        try:
+                            v.encode("utf-8")
+                        except UnicodeEncodeError as exc:
+                            raise MatesError(f"`{url}:{lineno}` has an unpaired surrogate in `{k}` at character "
+                                             f"{exc.start:,}; it is not valid Unicode text.") from exc
     if not rows:
         raise MatesError(f"`{flag} {name}`: {url!r} holds no rows.")
     return NamedSet(name, kind, rows, url)

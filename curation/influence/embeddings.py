@@ -128,8 +128,6 @@ class EmbeddingStore:
 
     def _refresh(self) -> None:
         """Read the parts not read yet into the in-memory (ids, embeddings), one row per id."""
-        import pyarrow.parquet as pq
-
         new = [p for p in self.parts() if p not in self._parts_read]
         if not new:
             return
@@ -139,7 +137,7 @@ class EmbeddingStore:
         schema = tables.embeddings_schema(stamp["dim"], stamp["dtype"])
         ids, embs = [self._ids], [self._emb.reshape(-1, stamp["dim"])]
         for name in new:
-            table = pq.read_table(io.BytesIO(self.store.read_bytes(name)))
+            table = self._read_part(name)
             tables.check_version(table, schema, f"{self.url}/{name}")
             if table.schema.field("embedding").type != schema.field("embedding").type:
                 raise MatesError(f"`{self.url}/{name}` holds {table.schema.field('embedding').type}; the "
@@ -151,6 +149,25 @@ class EmbeddingStore:
         all_ids = np.concatenate(ids)
         keep_ids, first = np.unique(all_ids, return_index=True)   # a racing pass may repeat ids
         self._ids, self._emb = keep_ids, np.concatenate(embs)[first]
+
+    def _read_part(self, name: str):
+        """One part; a part deleted or damaged under this run stops it with one line. Parts are
+        written atomically, so a damaged one was damaged from outside: it is removed, and the
+        rerun recomputes its embeddings (a deleted one is simply missing on the rerun)."""
+        import pyarrow.parquet as pq
+
+        try:
+            data = self.store.read_bytes(name)
+        except MatesError as exc:
+            raise MatesError(f"`{self.url}/{name}` was listed but could not be read ({exc}); was the store "
+                             f"deleted under this run? Rerun: missing embeddings are recomputed.") from exc
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowException, OSError) as exc:
+            self.store.remove(name)
+            raise MatesError(f"`{self.url}/{name}` is damaged ({len(data):,} bytes, {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120]}); removed it: rerun to recompute its "
+                             f"embeddings.") from exc
 
     def _merge(self, ids: np.ndarray, emb: np.ndarray) -> None:
         """Add rows this process wrote (as stored: rounded to the store's dtype) to the cache."""

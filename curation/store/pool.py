@@ -59,7 +59,10 @@ class MDSFolder:
             reader = reader_from_json(local_dir, None, shard)
             reader.validate(allow_unsafe_types=False)
             path = os.path.join(local_dir, basename)
-            expected = os.path.getsize(path) if os.path.exists(path) else -1
+            if not os.path.exists(path):
+                raise MatesError(f"`{self.url}/{basename}` is missing (index.json lists it); the pool was "
+                                 f"damaged: re-ingest it (`mates ingest --force`).")
+            expected = os.path.getsize(path)
             if expected != shard["raw_data"]["bytes"]:
                 raise MatesError(f"`{self.url}/{basename}` has {expected} bytes; index.json says "
                                  f"{shard['raw_data']['bytes']} (truncated or replaced shard).")

@@ -66,9 +66,11 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
     if not run_store.exists("recipe.yaml"):
         raise MatesError(f"`run` {run_url!r} holds no recipe.yaml; not a mates run.")
     if data_url is None:
-        import yaml
+        from schemas import bounds
 
-        data_url = yaml.safe_load(run_store.read_bytes("recipe.yaml"))["data"]
+        saved = bounds.load_yaml(run_store.read_bytes("recipe.yaml"), f"{run_url}/recipe.yaml")
+        data_url = saved.get("data") if isinstance(saved, dict) else None
+        bounds.check_url(data_url, f"{run_url}/recipe.yaml: data")
     con = duckdb.connect(":memory:")
     con.register_filesystem(_ReadOnlyDir.for_protocol("matesrun", run_store))
     con.register_filesystem(_ReadOnlyDir.for_protocol("matesdata", store_for(data_url)))
@@ -97,6 +99,8 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
     con.register("_stage_markers", _markers_table(markers))
     con.execute("CREATE VIEW stages AS SELECT * FROM _stage_markers")
     con.execute("SET disabled_filesystems = 'LocalFileSystem'")
+    con.execute("SET autoinstall_known_extensions = false")  # no httpfs: no reads outside the run
+    con.execute("SET autoload_known_extensions = false")
     con.execute("SET lock_configuration = true")
     return con
 
@@ -110,16 +114,43 @@ def _markers_table(markers: list[dict]):
         pa.table({"stage": pa.array([], pa.int64()), "method": pa.array([], pa.string())})
 
 
+def view_names(con) -> list[str]:
+    return [r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal "
+                                      "AND NOT starts_with(view_name, '_') ORDER BY view_name").fetchall()]
+
+
+def _allowed(con) -> str:
+    return (f"`mates query` runs one read-only SELECT over the run's views "
+            f"({', '.join(view_names(con)) or 'none yet'})")
+
+
 def query(run_url: str, sql: str, data_url: str | None = None):
-    """Run one SQL statement over the run's views; an Arrow table back, errors as MatesError."""
+    """Run one SELECT over the run's views; an Arrow table back, errors as MatesError.
+
+    A refusal says what was refused (a statement kind, a file read outside the run) and what is
+    allowed (one SELECT over the views this run has)."""
     con = open_run(run_url, data_url)
     try:
+        try:
+            statements = con.extract_statements(sql)
+        except duckdb.Error as exc:
+            raise MatesError(f"`SQL` does not parse: {str(exc).strip().splitlines()[0]}") from exc
+        if len(statements) != 1:
+            raise MatesError(f"`SQL` holds {len(statements)} statements; {_allowed(con)}.")
+        kind = statements[0].type
+        if kind != duckdb.StatementType.SELECT:
+            raise MatesError(f"`SQL` is a {kind.name} statement, refused: {_allowed(con)}; it never writes "
+                             f"or reconfigures. Save a result with `--csv FILE` or `--parquet FILE`.")
         relation = con.sql(sql)
         return relation.to_arrow_table() if relation is not None else None
     except duckdb.Error as exc:
         message = str(exc)
-        if "read-only" in message or "disabled by configuration" in message or "locked" in message:
-            raise MatesError("`SQL` tried to write or reconfigure; `mates query` is read-only.") from exc
+        if "LocalFileSystem" in message or "disabled by configuration" in message:
+            raise MatesError(f"`SQL` reads a file outside the run, refused: {_allowed(con)}, not files "
+                             f"(local or remote).") from exc
+        if "extension" in message.lower() and ("autoload" in message.lower() or "not loaded" in message):
+            raise MatesError(f"`SQL` reads a remote file or URL outside the run (DuckDB extensions are "
+                             f"off), refused: {_allowed(con)}, not files or URLs.") from exc
         raise MatesError(f"`SQL` failed: {message.strip().splitlines()[0]}") from exc
     finally:
         con.close()

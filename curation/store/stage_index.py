@@ -23,7 +23,7 @@ from curation.failpoints import failpoint
 from curation.store.pool import MDSFolder
 from schemas import streams, tables
 from schemas.errors import MatesError
-from schemas.storage import join, store_for, write_parquet
+from schemas.storage import join, store_for, write_fault, write_parquet
 
 
 def stage_url(run_url: str, stage: int) -> str:
@@ -67,10 +67,15 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
             streams.check_relative_name(bucket, f"selection bucket of stage {stage}")
             members = np.sort(ids[buckets == bucket])
             out_dir = os.path.join(tmp, bucket)
-            with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
-                           progress_bar=False) as writer:
-                for sample in pool.iter_items(members):
-                    writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+            try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
+                write_fault(os.path.join(tmp, "scratch"))
+                with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+                               progress_bar=False) as writer:
+                    for sample in pool.iter_items(members):
+                        writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+            except OSError as exc:
+                raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
+                                 f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
             for name in sorted(os.listdir(out_dir)):  # shards first, index.json last
                 if name != "index.json":
                     store.put_file(os.path.join(out_dir, name), "index", bucket, name)
@@ -96,11 +101,43 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
     return entries
 
 
-def read_stage_streams(run_url: str, stage: int) -> list[tuple[str, float]]:
-    """(bucket URL, proportion) of a committed stage; an uncommitted stage does not exist."""
+def read_stage_streams(run_url: str, stage: int, *, decommit_damaged: bool = False) -> list[tuple[str, float]]:
+    """(bucket URL, proportion) of a committed stage; an uncommitted stage does not exist.
+
+    Every bucket's shards are checked against its index.json (present, the recorded size) first:
+    a shard deleted or truncated under the run is one line naming it, not a reader's traceback
+    mid-training. With `decommit_damaged` (the stage loop) the stage's `_SUCCESS` is removed too,
+    so the rerun redoes its curation from the state before it: the same selection and index."""
     url = stage_url(run_url, stage)
     if not stage_committed(run_url, stage):
         raise MatesError(f"stage {stage} of `{run_url}` is not committed (no _SUCCESS).")
     where = f"{url}/index/streams.json"
-    entries = streams.parse_manifest(store_for(url).read_bytes("index", "streams.json"), where)
+    store = store_for(url)
+    entries = streams.parse_manifest(store.read_bytes("index", "streams.json"), where)
+    for e in entries:
+        damage = _index_damage(store, e.path)
+        if damage:
+            if decommit_damaged:
+                store.remove("_SUCCESS")
+            fix = ("its _SUCCESS was removed: rerun to redo the stage's curation (same selection)"
+                   if decommit_damaged else f"remove `{url}/_SUCCESS` and rerun to redo it")
+            raise MatesError(f"`{url}/index/{e.path}/{damage}; stage {stage}'s index was damaged under this run, "
+                             f"{fix}.")
     return [(join(url, "index", e.path), e.proportion) for e in entries]
+
+
+def _index_damage(store, bucket: str) -> str | None:
+    """What is wrong with a bucket's shards (`<name>` is missing / truncated ...), or None."""
+    try:
+        index = json.loads(store.read_bytes("index", bucket, "index.json"))
+        shards = [(s["raw_data"]["basename"], int(s["raw_data"]["bytes"])) for s in index["shards"]]
+    except (MatesError, ValueError, KeyError, TypeError) as exc:
+        return f"index.json` is unreadable ({type(exc).__name__})"
+    for name, size in shards:
+        streams.check_relative_name(name, f"{bucket}/index.json shard")
+        if not store.exists("index", bucket, name):
+            return f"{name}` is missing"
+        seen = store.size("index", bucket, name)
+        if seen != size:
+            return f"{name}` has {seen:,} bytes, its index.json says {size:,} (truncated or replaced)"
+    return None
