@@ -133,11 +133,15 @@ def _index_damage(store, bucket: str) -> str | None:
         shards = [(s["raw_data"]["basename"], int(s["raw_data"]["bytes"])) for s in index["shards"]]
     except (MatesError, ValueError, KeyError, TypeError) as exc:
         return f"index.json` is unreadable ({type(exc).__name__})"
+    present = store.file_sizes("index", bucket)
     for name, size in shards:
         streams.check_relative_name(name, f"{bucket}/index.json shard")
-        if not store.exists("index", bucket, name):
+        if "/" in name:  # a shard in a sub-folder: not in the bucket's listing, ask for it alone
+            seen = store.size("index", bucket, name) if store.exists("index", bucket, name) else None
+        else:
+            seen = present.get(name)
+        if seen is None:
             return f"{name}` is missing"
-        seen = store.size("index", bucket, name)
         if seen != size:
             return f"{name}` has {seen:,} bytes, its index.json says {size:,} (truncated or replaced)"
     return None
