@@ -143,3 +143,45 @@ def test_a_bad_plugin_argument_is_one_line():
 
     with pytest.raises(MatesError, match=r"`callbacks.speed_monitor` has an argument SpeedMonitor does not take"):
         build_callbacks({"speed_monitor": {"window": 3}})
+
+
+def test_sharding_aware_state_equals_the_plain_one():
+    """The FSDP path's state dicts (torch.distributed.checkpoint.state_dict), on a plain module:
+    the probe state it builds is the plain path's, and restoring moments through it puts back
+    exactly the stored ones. (The sharded case itself needs CUDA ranks: not run here.)"""
+    from types import SimpleNamespace
+
+    import torch
+
+    from curation.lm.model import build_causal_lm
+    from curation.oracle.probes import probe_state_from_optimizer
+    from schemas.recipe import ModelConfig
+    from training import trainer_parts
+    from training.model import composer_model
+
+    cfg = ModelConfig(name="llama", d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16)
+
+    def trained_pair():
+        lm = build_causal_lm(cfg, 50, 0, seed=0)
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+        return lm, opt, SimpleNamespace(state=SimpleNamespace(model=composer_model(lm)))
+
+    lm, opt, trainer = trained_pair()
+    for seed in range(2):
+        ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(seed))
+        lm(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    plain = probe_state_from_optimizer(lm, opt, stage=1, grad_clip_norm=1.0)
+    full = trainer_parts.probe_state_from_full(lm, *trainer_parts.full_state(trainer, opt), stage=1, grad_clip_norm=1.0)
+    assert full["hparams"] == plain["hparams"] and full["step"] == plain["step"] == {n: 2.0 for n in plain["step"]}
+    for key in ("model", "exp_avg", "exp_avg_sq"):
+        assert full[key].keys() == plain[key].keys(), key
+        for name in plain[key]:
+            torch.testing.assert_close(full[key][name], plain[key][name], rtol=0, atol=0)
+
+    lm2, opt2, trainer2 = trained_pair()
+    trainer_parts.restore_moments(trainer2, opt2, plain)
+    for name, p in lm2.named_parameters():
+        torch.testing.assert_close(opt2.state[p]["exp_avg"], plain["exp_avg"][name], rtol=0, atol=0)
+        assert float(opt2.state[p]["step"]) == 2.0

@@ -207,14 +207,23 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
                       seed=r.seed + 1000 * stage, callbacks=[monitor, *options.pop("callbacks")], progress_bar=False,
                       log_to_console=False, spin_dataloaders=False, step_schedulers_every_batch=True, **options)
     trainer_parts.restore_timestamp(trainer, start)  # after the constructor built the LambdaLR
+    if stage > 0 and r.parallelism:  # FSDP: Composer cleared the moments restored above
+        trainer_parts.restore_moments(trainer, optimizer, prev)
     t0 = time.perf_counter()
     trainer.fit()
     seconds = trainer_parts.max_over_ranks(time.perf_counter() - t0)
     tokens = int(trainer_parts.sum_over_ranks(monitor.tokens))  # each rank counted its own batches
     ts = trainer.state.timestamp
     timestamp = {"batch": int(ts.batch), "sample": int(ts.sample), "token": int(start["token"]) + tokens}
-    return {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp,
-            "seconds": seconds, "tokens_per_s": tokens / max(trainer_parts.max_over_ranks(monitor.seconds), 1e-9)}
+    out = {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp, "eval_lm": lm,
+           "seconds": seconds, "tokens_per_s": tokens / max(trainer_parts.max_over_ranks(monitor.seconds), 1e-9)}
+    if r.parallelism:  # sharded: gather the whole state on every rank; rank 0 evaluates an unsharded copy
+        out["full"] = trainer_parts.full_state(trainer, optimizer)
+        if rank == 0:
+            out["eval_lm"] = build_causal_lm(r.model, ctx.vocab_size, ctx.eos_id, seed=r.seed)
+            out["eval_lm"].load_state_dict(out["full"][0])
+            out["eval_lm"].to(ctx.device)
+    return out
 
 
 def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
@@ -224,8 +233,12 @@ def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
         trained["trainer"].save_checkpoint(path)
         if dist_utils.rank() == 0:
             ctx.ckpt_store.put_file(path, f"stage-{stage}.pt")
-            state = probe_state_from_optimizer(trained["lm"], trained["optimizer"], stage=stage,
-                                               grad_clip_norm=ctx.recipe.grad_clip_norm)
+            if "full" in trained:  # FSDP: the gathered whole state, not this rank's shard
+                state = trainer_parts.probe_state_from_full(trained["lm"], *trained["full"], stage=stage,
+                                                            grad_clip_norm=ctx.recipe.grad_clip_norm)
+            else:
+                state = probe_state_from_optimizer(trained["lm"], trained["optimizer"], stage=stage,
+                                                   grad_clip_norm=ctx.recipe.grad_clip_norm)
             state["timestamp"] = trained["timestamp"]  # where the next stage's schedule resumes
             save_probe_state(state, ctx.recipe.checkpoint_url, state_name(stage))
     trainer_parts.release(trained["trainer"])
@@ -273,7 +286,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
         log(f"stage {stage}: training {recipe.stage_batches[stage]} batches")
         trained = train_stage(ctx, stage)
         if rank == 0:
-            evals = evaluate(trained["lm"], ctx.eval_sets)
+            evals = evaluate(trained["eval_lm"], ctx.eval_sets)
             _append_metrics(recipe.run, stage, evals,
                             {"batches_seen": trained["timestamp"]["batch"],
                              "tokens_seen": trained["timestamp"]["token"],

@@ -84,3 +84,57 @@ def sum_over_ranks(value: float) -> float:
 
 def max_over_ranks(value: float) -> float:
     return max(dist_utils.all_gather_object(value))
+
+
+# ---------------------------------------------------------------- sharded (FSDP) state
+# Under FSDP each rank holds a shard: Composer clears the optimizer's state when it wraps the
+# model (so moments restored before the Trainer exist would be dropped), and a rank-0-only
+# `state_dict()` or forward would wait forever on the other ranks. These go through torch's
+# sharding-aware state-dict API instead; on a plain module they give the same dicts (tested on
+# the CPU); under FSDP every rank must call them (collectives).
+def _options():
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=dist.is_available() and dist.is_initialized())
+
+
+def restore_moments(trainer, optimizer, state: dict) -> None:
+    """Put a probe state's AdamW moments into the Trainer's (possibly sharded) optimizer."""
+    import torch
+    from torch.distributed.checkpoint import state_dict as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    model = trainer.state.model
+    full = StateDictOptions(full_state_dict=True)
+    osd = dcp.get_optimizer_state_dict(model, optimizer, options=full)  # its groups, by parameter name
+    osd["state"] = {f"lm.{n}": {"step": torch.tensor(float(state["step"][n])), "exp_avg": state["exp_avg"][n],
+                                "exp_avg_sq": state["exp_avg_sq"][n]} for n in state["exp_avg"]}
+    dcp.set_optimizer_state_dict(model, optimizer, osd, options=full)
+
+
+def full_state(trainer, optimizer) -> tuple[dict, dict]:
+    """(model state dict, optimizer state dict) of the whole LM, keyed by its own parameter names;
+    gathered to rank 0's CPU when distributed."""
+    from torch.distributed.checkpoint import state_dict as dcp
+
+    model, opts = trainer.state.model, _options()
+    msd = dcp.get_model_state_dict(model, options=opts)
+    osd = dcp.get_optimizer_state_dict(model, optimizer, options=opts)
+    return ({k.removeprefix("lm."): v for k, v in msd.items()},
+            {"state": {k.removeprefix("lm."): v for k, v in osd.get("state", {}).items()},
+             "param_groups": osd.get("param_groups", [])})
+
+
+def probe_state_from_full(lm, model_state: dict, optim_state: dict, *, stage: int, grad_clip_norm: float) -> dict:
+    """The probe-state dict of curation/oracle/probes.py::probe_state_from_optimizer, from
+    `full_state`'s dicts (torch AdamW, one param group)."""
+    g0, st = optim_state["param_groups"][0], optim_state["state"]
+    return {"stage": int(stage), "model_type": lm.config.model_type, "model_config": lm.config.to_dict(),
+            "model": {k: v.detach().cpu().clone() for k, v in model_state.items()},
+            "exp_avg": {n: s["exp_avg"].detach().cpu().clone() for n, s in st.items()},
+            "exp_avg_sq": {n: s["exp_avg_sq"].detach().cpu().clone() for n, s in st.items()},
+            "step": {n: float(s["step"]) for n, s in st.items()},
+            "hparams": {"lr": float(g0["lr"]), "betas": [float(b) for b in g0["betas"]], "eps": float(g0["eps"]),
+                        "weight_decay": float(g0["weight_decay"]), "grad_clip_norm": float(grad_clip_norm),
+                        "decoupled": False}}
