@@ -76,3 +76,18 @@ def test_llama_oracle_matches_the_plain_loop(llama_state, samples, method, tol):
     slow = slow_reference_influence(llama_state, reference, samples[:6], pad_id=0)
     fast = probe_influence(llama_state, reference, samples[:6], method=method, probe_batch=3, pad_id=0)
     assert rel_diff(fast, slow) < tol, (fast, slow)
+
+
+def test_llama_group_trajectories_and_preconditioned_probes_run(llama_state, samples):  # noqa: F811
+    """Group-MATES' batched trajectories and the preconditioned oracle transform Llama too: one-step
+    trajectories are the exact oracle, and every influence is finite."""
+    from curation.oracle.trajectories import run_trajectories
+
+    reference = ragged_reference(6)
+    few = samples[:4]
+    one = run_trajectories(llama_state, reference, [[s] for s in few], pad_id=0, batch=2, dtype=torch.float64)
+    exact = probe_influence(llama_state, reference, few, method="exact", pad_id=0, dtype=torch.float64)
+    np.testing.assert_allclose(one[:, 0], exact, rtol=1e-9, atol=1e-15)
+    two = run_trajectories(llama_state, reference, [few[:2], few[2:]], pad_id=0, batch=2)
+    pre = probe_influence(llama_state, reference, few, method="preconditioned", pad_id=0)
+    assert two.shape == (2, 2) and np.isfinite(two).all() and np.isfinite(pre).all()

@@ -27,9 +27,9 @@ def _build(section: str, name: str, path: str, kwargs: dict | None):
         return getattr(importlib.import_module(module), cls)(**(kwargs or {}))
     except TypeError as exc:  # an argument the class does not take
         raise MatesError(f"`{section}.{name}` has an argument {cls} does not take: {exc}.") from exc
-    except ImportError as exc:  # Composer's MissingConditionalImportError is one
-        package = getattr(exc, "name", None) or str(exc).split("'")[1 if "'" in str(exc) else 0]
-        raise MatesError(f"`{section}.{name}` needs the package `{package}`, which is not installed.") from exc
+    except ImportError as exc:  # Composer's MissingConditionalImportError is one; validation checks
+        # the logger packages first (schemas/training_keys.py), so this is a package's own import
+        raise MatesError(f"`{section}.{name}` could not be built: {str(exc).splitlines()[0][:200]}") from exc
 
 
 def build_loggers(blocks: dict) -> list:
