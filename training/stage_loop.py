@@ -14,7 +14,9 @@ Why one Trainer per stage rather than one Trainer whose `fit(train_dataloader=..
 is called K times: a run that resumes after a kill must continue exactly as an uninterrupted one.
 Restoring every stage from the committed state makes both the same code path, so the resume test
 checks the path every run takes. Composer's schedulers are functions of `state.timestamp`; the
-restored timestamp and an explicit `t_max` (the whole run) keep the LR schedule continuous.
+restored timestamp, the LambdaLR stepped there (trainer_parts.restore_timestamp: Composer built it
+at t = 0) and an explicit `t_max` (the whole run) keep the LR schedule continuous. After its state
+is committed, a stage's Trainer is released (trainer_parts.release) before the next curation.
 
 Resume. A stage whose state file exists is done and skipped; a stage with `_SUCCESS` is never
 recomputed; a stage without it is redone from scratch. The state file loads with
