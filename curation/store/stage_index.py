@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.data.ingest import POOL_COLUMNS
 from curation.failpoints import failpoint
 from curation.store.pool import MDSFolder
 from schemas import streams, tables
@@ -69,7 +68,7 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
             out_dir = os.path.join(tmp, bucket)
             try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
                 write_fault(os.path.join(tmp, "scratch"))
-                with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+                with MDSWriter(out=out_dir, columns=pool.columns(), compression=None, hashes=["sha1"],
                                progress_bar=False) as writer:
                     for sample in pool.iter_items(members):
                         writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
