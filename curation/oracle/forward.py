@@ -174,15 +174,16 @@ class ForwardProber:
 
 def forward_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, pad_id: int,
                       probe_batch: int = 16, reference_batch: int = 4, derivative: str = "auto",
-                      device="cpu", dtype=torch.float32,
-                      progress: Callable[[int], object] | None = None) -> np.ndarray:
-    """I(x) [N] (float64) of pool samples by forward-only probes, in their order."""
+                      device="cpu", dtype=torch.float32, progress: Callable[[int], object] | None = None,
+                      length: int | None = None) -> np.ndarray:
+    """I(x) [N] (float64) of pool samples by forward-only probes, in their order (each chunk
+    padded to `length`, default the longest sample)."""
     if not samples:
         return np.zeros(0)
     prober = ForwardProber(state, reference, derivative=derivative, reference_batch=reference_batch,
                            probe_batch=probe_batch, device=device, dtype=dtype)
     n_ctx = prober.loss.lm.config.max_position_embeddings
-    length = max(len(s["tokens"]) for s in samples)
+    length = max(max(len(s["tokens"]) for s in samples), length or 0)
     if length > n_ctx:
         raise MatesError(f"probe samples must be at most the model's {n_ctx} tokens; got {length}.")
     out = []

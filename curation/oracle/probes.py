@@ -267,24 +267,25 @@ def _check_lengths(samples: list[dict], n_ctx: int) -> int:
 def probe_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, method: str = "exact",
                     probe_batch: int = 16, pad_id: int, device="cpu", dtype=torch.float32,
                     progress: Callable[[int], object] | None = None, reference_batch: int = 4,
-                    derivative: str = "auto") -> np.ndarray:
+                    derivative: str = "auto", length: int | None = None) -> np.ndarray:
     """I(x) [N] (float64) of pool samples ({"tokens", "sample_id"}), in their order.
 
     Every chunk is padded to the same length so the vmapped shapes never change. `progress`, if
     given, is called with the number of probes finished after each chunk (e.g. tqdm's `update`).
-    `reference_batch` and `derivative` are `forward`'s (curation/oracle/forward.py).
+    `reference_batch` and `derivative` are `forward`'s (curation/oracle/forward.py). `length`
+    (default: the longest sample) pads every chunk to it: the ranks of a launched run share one.
     """
     if method == "forward":
         from curation.oracle.forward import forward_influence
 
         return forward_influence(state, reference, samples, pad_id=pad_id, probe_batch=probe_batch,
                                  reference_batch=reference_batch, derivative=derivative,
-                                 device=device, dtype=dtype, progress=progress)
+                                 device=device, dtype=dtype, progress=progress, length=length)
     if not samples:
         return np.zeros(0)
     prober = OracleProber(state, reference, method=method, probe_batch=probe_batch, device=device,
                           dtype=dtype)
-    length = _check_lengths(samples, prober.model.config.max_position_embeddings)
+    length = max(_check_lengths(samples, prober.model.config.max_position_embeddings), length or 0)
     out = []
     for lo in range(0, len(samples), probe_batch):
         chunk = samples[lo:lo + probe_batch]
