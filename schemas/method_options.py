@@ -47,6 +47,9 @@ class GroupMatesOptions(MatesOptions):
     # trajectories advanced together (each holds theta, m, v and a gradient): null = 1 on CUDA
     # (a large model: one trajectory's state at a time), 16 on the CPU (small models, batched)
     trajectory_batch: Optional[int] = None
+    # target examples of the per-step reference loss (null: all `max_target`): evaluated T times
+    # per trajectory, it is most of a trajectory's time (README, "Group oracle cost")
+    trajectory_reference: Optional[int] = None
     relational_epochs: int = 200
     relational_lr: float = 1e-2
     n_clusters: int = 8               # spherical k-means clusters over h(x)

@@ -277,6 +277,9 @@ def _validate(recipe: Recipe) -> Recipe:
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
         _require(opts.trajectory_batch is None or opts.trajectory_batch >= 1, f"{where}.trajectory_batch",
                  ">= 1 or null (1 on CUDA, 16 on the CPU)", opts.trajectory_batch)
+        _require(opts.trajectory_reference is None or opts.trajectory_reference >= 1,
+                 f"{where}.trajectory_reference", ">= 1 or null (every `max_target` example)",
+                 opts.trajectory_reference)
         _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
                  ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
         _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",

@@ -64,7 +64,7 @@ class GroupMatesMethod(MatesMethod):
         super().oracle_part(ctx, rank, world_size, barrier)
         t0 = time.perf_counter()
         pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
-        state, reference = self.oracle_inputs(ctx, pad_id)
+        state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
         ids = self.trajectory_ids(ctx)
         length = max((len(pool[int(i)]["tokens"]) for i in np.unique(ids)), default=1)
 
@@ -89,7 +89,7 @@ class GroupMatesMethod(MatesMethod):
         if getattr(self, "merged_trajectories", None) is not None:
             ids, increments = self.merged_trajectories
         else:
-            state, reference = self.oracle_inputs(ctx, pad_id)
+            state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
             ids = self.trajectory_ids(ctx)
             rows = [[pool[int(i)] for i in row] for row in ids]
             increments = self.trajectory_values(ctx, state, reference, rows, pad_id,

@@ -41,14 +41,16 @@ def _split_url(url: str) -> tuple[str, str]:
 class MatesMethod(CurationMethod):
     name = "mates"
 
-    def oracle_inputs(self, ctx: StageContext, pad_id: int) -> tuple[dict, ReferenceSet]:
+    def oracle_inputs(self, ctx: StageContext, pad_id: int, limit: int | None = None) -> tuple[dict, ReferenceSet]:
         """The model state at this boundary and the target set L_ref is measured on (its loss kind
-        is in its rows: `target_start` = 1 for lm, the target word's first token for cloze)."""
+        is in its rows: `target_start` = 1 for lm, the target word's first token for cloze): its
+        first `max_target` examples, or the first `limit` of those."""
         if ctx.state_url is None:
             raise MatesError(f"`{self.name}` needs a trained model state; stage 0 is always `random`.")
         state = load_probe_state(*_split_url(ctx.state_url))
         table = load_set(ctx.data_url, TARGETS, ctx.target)
-        return state, ReferenceSet(table, pad_id, batch_size=16, limit=ctx.options.max_target)
+        rows = min(ctx.options.max_target, limit or ctx.options.max_target)
+        return state, ReferenceSet(table, pad_id, batch_size=16, limit=rows)
 
     # Probes (and Group-MATES' trajectories) are dealt to every rank of a launched run:
     # curation/stage_job.py calls `oracle_part` on each rank, rank 0 then fits on the merged parts.
