@@ -11,7 +11,7 @@ Metric keys (`curation/probe/` + key):
 | `forward_<mode>_<dtype>_spearman` | rank agreement with the truth |
 | `forward_<mode>_<dtype>_probes_per_s` | steady probes/s (u already computed) |
 | `train_samples_per_s` | AdamW training samples/s of the same model, batch and length |
-| `forward_over_train` | forward probes/s (`auto` mode, fp32) over training samples/s |
+| `forward_over_train` | forward probes/s (`auto` mode, fp32, steady) over training samples/s, A B B A runs |
 | `peak_rss_gb_<what>` | peak resident memory of a subprocess doing only <what> |
 """
 from __future__ import annotations
@@ -56,8 +56,8 @@ def forward_accuracy(state: dict, reference, batches: list[dict], *, device="cpu
     return out
 
 
-def train_samples_per_s(state: dict, batches: list[dict], *, device="cpu") -> float:
-    """AdamW steps (forward, backward, clip, step) of the probe state's model on the same batches."""
+def _trainer(state: dict, device):
+    """One AdamW training step (forward, backward, clip, step) of the probe state's model."""
     from curation.lm.batching import token_losses
     from curation.oracle.probes import model_from_state
 
@@ -70,24 +70,39 @@ def train_samples_per_s(state: dict, batches: list[dict], *, device="cpu") -> fl
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return step
 
-    step(batches[0])  # warm-up: optimizer state allocation
+
+def _rate(fn, batches, device) -> float:
     start = time.perf_counter()
     for batch in batches:
-        step(batch)
+        fn(batch)
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return sum(len(b["input_ids"]) for b in batches) / (time.perf_counter() - start)
 
 
-def forward_figures(state: dict, reference, batches: list[dict], *, device="cpu") -> dict:
-    """Accuracy per mode, and the `auto` fp32 probes/s over training samples/s (same batches)."""
-    out = forward_accuracy(state, reference, batches, device=device)
-    out[f"{KEY}train_samples_per_s"] = train_samples_per_s(state, batches, device=device)
-    from curation.oracle.forward import resolve_derivative
+def forward_figures(state: dict, reference, batches: list[dict], *, device="cpu", repeats: int = 2) -> dict:
+    """Accuracy per mode, and `auto` fp32 forward probes/s over AdamW training samples/s on the same
+    batches: measured in A B B A order (`repeats` pairs) so a shared machine's drift falls on both
+    sides; the ratio is of the summed samples over the summed seconds of each side."""
+    from curation.oracle.forward import ForwardProber, resolve_derivative
 
+    out = forward_accuracy(state, reference, batches, device=device)
     auto = resolve_derivative("auto", torch.float32)
-    out[f"{KEY}forward_over_train"] = out[f"{KEY}forward_{auto}_float32_probes_per_s"] / out[f"{KEY}train_samples_per_s"]
+    prober = ForwardProber(state, reference, derivative=auto, device=device)
+    train = _trainer(state, device)
+    train(batches[0])  # warm-up: the optimizer's state is allocated at the first step
+    runs = {"forward": [], "train": []}
+    for _ in range(repeats):
+        for side in ("forward", "train", "train", "forward"):
+            runs[side].append(_rate(prober.influence if side == "forward" else train, batches, device))
+    n = sum(len(b["input_ids"]) for b in batches)
+    rate = {k: len(v) * n / sum(n / r for r in v) for k, v in runs.items()}
+    out[f"{KEY}train_samples_per_s"] = rate["train"]
+    out[f"{KEY}forward_auto_probes_per_s"] = rate["forward"]
+    out[f"{KEY}forward_over_train"] = rate["forward"] / rate["train"]
+    out[f"{KEY}forward_over_train_each_run"] = [round(f / t, 3) for f, t in zip(runs["forward"], runs["train"])]
     out[f"{KEY}load_average_1min"] = round(os.getloadavg()[0], 2)
     return out
 
