@@ -101,9 +101,14 @@ class ForwardProber:
             self._central_params()
 
     def _reference_grad(self, reference: ReferenceSet, micro: int) -> dict[str, torch.Tensor]:
-        """grad L_ref(theta) (mean over every counted reference token), `micro` rows per backward."""
-        acc = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        params = {n: p.clone().requires_grad_(True) for n, p in self.params.items()}
+        """grad L_ref(theta) (mean over every counted reference token), `micro` rows per backward.
+
+        Accumulated in the parameters' own .grad (no copy of theta, one gradient buffer): the peak
+        is the weights, one gradient and one micro-batch's activations."""
+        named = dict(self.loss.named_parameters())
+        for p in named.values():
+            p.requires_grad_(True)
+            p.grad = None
         n_tokens = 0
         for batch in reference:
             ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
@@ -113,14 +118,16 @@ class ForwardProber:
                 if not int(counted.sum()):
                     continue
                 # summed token loss = mean loss x count, so the total is one mean over all tokens
-                total = (functional_call(self.loss, params, (rows_ids, rows_labels)) * counted).sum()
-                for n, g in zip(params, torch.autograd.grad(total, list(params.values()), allow_unused=True)):
-                    if g is not None:
-                        acc[n] += g
+                (self.loss(rows_ids, rows_labels) * counted).sum().backward()
                 n_tokens += int(counted.sum())
+        grads = {}
+        for n, p in named.items():
+            grads[n] = p.grad if p.grad is not None else torch.zeros_like(p)
+            p.grad = None
+            p.requires_grad_(False)
         if not n_tokens:
             raise MatesError("`reference` has no scored tokens; check its `target_start` column.")
-        return {n: g / n_tokens for n, g in acc.items()}
+        return {n: g.div_(n_tokens) for n, g in grads.items()}
 
     def _direction(self, state: dict, reference: ReferenceSet, micro: int) -> dict[str, torch.Tensor]:
         """u = grad L_ref / (sqrt(v_hat) + eps), v_hat the bias-corrected stored second moment."""
