@@ -20,7 +20,8 @@ class MatesOptions:
     probe_method: Literal["exact", "first_order", "preconditioned", "forward"] = "exact"
     n_probes: int = 256
     probe_batch: int = 16
-    reference_batch: int = 4          # forward: target rows per backward of grad L_ref (bounds memory)
+    reference_batch: int = 1          # forward: target rows per backward of grad L_ref (its memory: one
+                                      # row at seq 512 is ~0.7 GB of activations at 124M, fp32)
     forward_derivative: Literal["auto", "central", "jvp"] = "auto"  # auto: central in fp32, jvp otherwise
     target: Optional[str] = None      # a target set of the pool (default: its full-sequence one)
     max_target: int = 64              # target examples L_ref is measured on (first N)

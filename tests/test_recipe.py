@@ -129,7 +129,7 @@ def test_forward_oracle_and_trajectory_keys():
     """The forward oracle's and the trajectories' keys: defaults, and one-line errors naming them."""
     opts = recipe_from_dict({**BASE, "stages": {"method": "group_mates"}}).method_options
     assert (opts.reference_batch, opts.forward_derivative, opts.trajectory_batch, opts.trajectory_reference) \
-        == (4, "auto", None, None)
+        == (1, "auto", None, None)
     group = {"method": "group_mates", "options": {"probe_method": "forward", "trajectory_batch": 1,
                                                   "trajectory_reference": 16}}
     opts = recipe_from_dict({**BASE, "stages": group}).method_options

@@ -78,7 +78,7 @@ class ForwardProber:
     """-lr <u, g_x> for batches of candidates, by a directional derivative of their own loss."""
 
     def __init__(self, state: dict, reference: ReferenceSet, *, derivative: str = "auto",
-                 reference_batch: int = 4, probe_batch: int = 16, device="cpu", dtype=torch.float32):
+                 reference_batch: int = 1, probe_batch: int = 16, device="cpu", dtype=torch.float32):
         if reference_batch < 1 or probe_batch < 1:
             raise MatesError(f"`reference_batch` and `probe_batch` must be >= 1; got "
                              f"{reference_batch} and {probe_batch}.")
@@ -180,7 +180,7 @@ class ForwardProber:
 
 
 def forward_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, pad_id: int,
-                      probe_batch: int = 16, reference_batch: int = 4, derivative: str = "auto",
+                      probe_batch: int = 16, reference_batch: int = 1, derivative: str = "auto",
                       device="cpu", dtype=torch.float32, progress: Callable[[int], object] | None = None,
                       length: int | None = None) -> np.ndarray:
     """I(x) [N] (float64) of pool samples by forward-only probes, in their order (each chunk

@@ -266,7 +266,7 @@ def _check_lengths(samples: list[dict], n_ctx: int) -> int:
 
 def probe_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, method: str = "exact",
                     probe_batch: int = 16, pad_id: int, device="cpu", dtype=torch.float32,
-                    progress: Callable[[int], object] | None = None, reference_batch: int = 4,
+                    progress: Callable[[int], object] | None = None, reference_batch: int = 1,
                     derivative: str = "auto", length: int | None = None) -> np.ndarray:
     """I(x) [N] (float64) of pool samples ({"tokens", "sample_id"}), in their order.
 
