@@ -145,12 +145,14 @@ def _memory_child(what: str, batch: int, seq: int, vocab: int, n_reference: int)
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
-def probe_memory(*, batch: int = 16, seq: int = 512, vocab: int = 50257, n_reference: int = 4,
+def probe_memory(*, batch: int = 16, seq: int = 512, vocab: int = 50257, n_reference: int = 1,
                  cap_gb: float = 14.0, whats=("inference", "forward:central", "forward:jvp", "first_order"),
                  log=print) -> dict:
     """Peak RSS of each `what` in a fresh subprocess capped at `cap_gb` of address space (a probe
     that does not fit fails there, not in the machine's OOM killer). first_order is retried at
-    halved batches until it fits, and the batch it fits at is reported."""
+    halved batches until it fits, and the batch it fits at is reported. One reference sequence:
+    first_order's reference gradient (one torch.func backward of a whole reference batch) did
+    not fit under 14 GB with 4 sequences of 512 tokens, whatever the probe batch."""
     out = {f"{KEY}memory_model": f"gpt2 d768 L12 vocab {vocab} seq {seq}", f"{KEY}memory_probe_batch": batch}
     for what in whats:
         b = batch
@@ -172,7 +174,7 @@ def probe_memory(*, batch: int = 16, seq: int = 512, vocab: int = 50257, n_refer
                     f"{got['seconds']:.0f} s")
                 break
             log(f"bench probe-memory: {what} at batch {b} did not fit under {cap_gb} GB "
-                f"({(run.stderr.strip().splitlines() or ['?'])[-1][:120]})")
+                f"({(run.stderr.strip().splitlines() or ['?'])[-1][-160:]})")
             out[f"{KEY}did_not_fit_{name}"] = out.get(f"{KEY}did_not_fit_{name}", []) + [b]
             if not what.startswith("first_order"):
                 break
