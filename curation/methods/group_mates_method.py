@@ -63,12 +63,12 @@ class GroupMatesMethod(MatesMethod):
 
         super().oracle_part(ctx, rank, world_size, barrier)
         t0 = time.perf_counter()
-        pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
-        state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
         ids = self.trajectory_ids(ctx)
-        length = max((len(pool[int(i)]["tokens"]) for i in np.unique(ids)), default=1)
 
-        def compute(lo: int, hi: int) -> pa.Table:
+        def compute(lo: int, hi: int) -> pa.Table:  # all of it inside: a failure here is told to every rank
+            pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
+            state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
+            length = max((len(pool[int(i)]["tokens"]) for i in np.unique(ids)), default=1)  # one for all ranks
             rows = [[pool[int(i)] for i in row] for row in ids[lo:hi]]
             values = self.trajectory_values(ctx, state, reference, rows, pad_id, length)
             return pa.table({"trajectory": np.arange(lo, hi, dtype=np.int64),

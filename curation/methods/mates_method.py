@@ -79,12 +79,12 @@ class MatesMethod(CurationMethod):
         from curation.oracle.ranks import on_ranks
 
         t0 = time.perf_counter()
-        pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
-        state, reference = self.oracle_inputs(ctx, pad_id)
         ids = self.probe_ids(ctx)
-        length = max((len(pool[int(i)]["tokens"]) for i in ids), default=1)  # one padding for all ranks
 
-        def compute(lo: int, hi: int) -> pa.Table:
+        def compute(lo: int, hi: int) -> pa.Table:  # all of it inside: a failure here is told to every rank
+            pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
+            state, reference = self.oracle_inputs(ctx, pad_id)
+            length = max((len(pool[int(i)]["tokens"]) for i in ids), default=1)  # one padding for all ranks
             samples = [pool[int(i)] for i in ids[lo:hi]]
             return pa.table({"sample_id": ids[lo:hi],
                              "influence": self.probe_values(ctx, state, reference, samples, pad_id, length)})
