@@ -65,3 +65,43 @@ def test_two_ranks_equal_one_rank(tmp_path):
     for rank in (0, 1):
         message = json.loads((out / f"failure-{rank}.json").read_text())
         assert "failed on rank(s) [1] of 2; rank 1: RuntimeError: injected failure" in message
+
+
+def test_group_mates_oracle_parts_of_two_ranks_equal_one_process(local_pool, tmp_path):
+    """GroupMatesMethod.oracle_part on 2 ranks (run in turn here, the barrier a no-op: rank 1 first,
+    then rank 0 merges) gives the probes and trajectories that one process computes itself."""
+    from curation.data.tokenizer import EOS, load_pool_tokenizer
+    from curation.methods.base import StageContext
+    from curation.methods.group_mates_method import GroupMatesMethod
+    from curation.store.pool import MDSFolder
+    from jobs.bench_probe import toy_probe_state
+    from schemas.method_options import GroupMatesOptions
+    from schemas.probe_state import save_probe_state
+    from schemas.recipe import load_recipe
+    from tests.conftest import MICRO_RECIPE
+
+    recipe = load_recipe(MICRO_RECIPE)
+    save_probe_state(toy_probe_state(recipe.model, recipe.tokenizer.vocab_size), str(tmp_path), "state.pt")
+    opts = GroupMatesOptions(probe_method="forward", n_probes=10, probe_batch=4, max_target=4, n_trajectories=10,
+                             trajectory_length=2, trajectory_batch=3, trajectory_reference=2)
+
+    def ctx(run: str) -> StageContext:
+        return StageContext(run_url=str(tmp_path / run), data_url=local_pool, stage=1, candidates=np.arange(300),
+                            n_select=10, seed=0, options=opts, state_url=str(tmp_path / "state.pt"),
+                            target="wiki_en", log=lambda m: None)
+
+    one = GroupMatesMethod()
+    pool, pad = MDSFolder(f"{local_pool}/pool"), load_pool_tokenizer(local_pool).token_to_id(EOS)
+    ids, influence = one.probe(ctx("one"), pool, pad)
+    traj_ids, increments = one.group_oracle(ctx("one"), pool, pad)
+    GroupMatesMethod().oracle_part(ctx("two"), 1, 2, lambda: None)
+    rank0 = GroupMatesMethod()
+    rank0.oracle_part(ctx("two"), 0, 2, lambda: None)
+    assert len(ids) == 10 and increments.shape == (10, 2) and np.abs(influence).max() > 0
+    assert np.array_equal(rank0.merged_probes[0], ids)
+    assert np.abs(rank0.merged_probes[1] - influence).max() <= 1e-6 * np.abs(influence).max()
+    assert np.array_equal(rank0.merged_trajectories[0], traj_ids)
+    assert np.abs(rank0.merged_trajectories[1] - increments).max() <= 1e-6 * np.abs(increments).max()
+    parts = sorted(os.listdir(tmp_path / "two" / "stages" / "1" / "oracle"))
+    assert parts == ["probes-part-00000.parquet", "probes-part-00001.parquet",
+                     "trajectories-part-00000.parquet", "trajectories-part-00001.parquet"]
