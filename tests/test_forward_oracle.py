@@ -51,8 +51,11 @@ def test_forward_central_difference_float32_agrees(unclipped, reference, samples
     """`auto` in fp32 = central difference with the eps^(1/3) step rule: close to the fp64 truth."""
     prober = fwd.ForwardProber(unclipped, reference, derivative="auto", dtype=torch.float32)
     assert prober.derivative == "central"
-    # the rule: h ||u|| = eps^(1/3) ||theta|| (theta before the in-place shift)
-    assert 0 < prober.step_size
+    # the rule: h ||u|| = eps^(1/3) ||theta||, with u and theta as the jvp prober keeps them
+    plain = fwd.ForwardProber(unclipped, reference, derivative="jvp", dtype=torch.float32)
+    norm = lambda d: float(torch.sqrt(sum((t.double() ** 2).sum() for t in d.values())))  # noqa: E731
+    rule = torch.finfo(torch.float32).eps ** (1 / 3) * norm(plain.params) / norm(plain.u)
+    assert abs(prober.step_size / rule - 1) < 1e-6
     got = probe_influence(unclipped, reference, samples, method="forward", probe_batch=4, pad_id=0)
     assert rel_diff(got, preconditioned64) < 0.02  # measured 4.6e-3 (roundoff of eps^(2/3))
     assert spearmanr(got, preconditioned64)[0] > 0.95
