@@ -78,6 +78,14 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int,
     return np.concatenate([np.asarray(p.column("prediction"), dtype=np.float64) for p in parts])
 
 
+def parallel_oracle(ctx: StageContext, method, rank: int, world_size: int, barrier) -> None:
+    """Every rank probes (and runs trajectories for) its share: `method.oracle_part` writes each
+    rank's part under stages/<k>/oracle/ and leaves rank 0 holding the merged values
+    (curation/oracle/ranks.py). A rank that fails tells the others, which raise rather than wait."""
+    barrier()  # rank 0 has cleared the stage's folder before any rank writes a part into it
+    method.oracle_part(ctx, rank, world_size, barrier)
+
+
 def write_audit(ctx: StageContext, method, pred: np.ndarray, selection: pa.Table) -> pa.Table:
     """stages/<k>/audit.parquet: preferences per catalog group (curation/oracle/stage_audit.py); one log line."""
     ids, keep = np.asarray(selection.column("sample_id")), np.asarray(selection.column("selected"))
@@ -98,9 +106,10 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
                   barrier=_no_barrier) -> dict:
     """Run the job for `ctx.stage` unless it is committed; returns the stage marker fields.
 
-    Every rank of a launched run calls this. A method with `parallel_scoring` scores the
+    Every rank of a launched run calls this. A method with `parallel_oracle` deals its probes and
+    trajectories to the ranks (`parallel_oracle`); one with `parallel_scoring` scores the
     candidates data-parallel (each rank its `shard_for_rank` slice, written as
-    scores/part-<rank>.parquet); everything else (probing, fitting, selection, the index and
+    scores/part-<rank>.parquet); everything else (fitting, selection, the index and
     `_SUCCESS`) happens on rank 0, which finally rewrites each part with the global rank and cluster.
     """
     if stage_committed(ctx.run_url, ctx.stage):
@@ -110,6 +119,8 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     method = get_method(method_name)
     if rank == 0:
         store_for(url).remove()  # a stage without _SUCCESS is redone from scratch
+    if world_size > 1 and getattr(method, "parallel_oracle", False):
+        parallel_oracle(ctx, method, rank, world_size, barrier)
     if world_size > 1 and method.parallel_scoring:
         pred = _parallel_predictions(ctx, method, rank, world_size, barrier)
         if rank != 0:

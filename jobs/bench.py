@@ -145,7 +145,25 @@ def bench_probe(recipe, *, out=None, log=print, n_probes: int = 64, n_reference:
     state = toy_probe_state(m, vocab)
     reference = toy_reference(n_reference, seq, vocab)
     samples = toy_samples(n_probes, vocab, min_len=seq // 2, max_len=seq)
-    return run(state, reference, samples, pad_id=0, device=device, probe_batch=16)
+    out = run(state, reference, samples, pad_id=0, device=device, probe_batch=16)
+    # forward-only probes (bench_oracle.py): accuracy per derivative mode and dtype, and probes/s over
+    # training samples/s on full-length batches of 16 (the same model, batch and length)
+    from curation.lm.batching import collate_samples
+    from jobs.bench_oracle import forward_figures
+
+    full = toy_samples(n_probes, vocab, min_len=seq, max_len=seq, seed=3)
+    batches = [collate_samples(full[i:i + 16], 0, length=seq) for i in range(0, n_probes, 16)]
+    return out | forward_figures(state, reference, batches, device=device)
+
+
+def bench_probe_memory(recipe, *, out=None, log=print) -> dict:
+    """Peak RSS at GPT-2-small size (124M, seq 512, probe_batch 16): an inference forward, forward
+    probes (central, jvp) and first_order, each in its own subprocess; see bench_oracle.py."""
+    from jobs.bench_oracle import probe_memory
+
+    log("bench probe-memory: GPT-2 small (d768 x 12 layers, vocab 50257), seq 512, batch 16; "
+        "one subprocess per method, capped at 14 GB of address space")
+    return probe_memory(log=log)
 
 
 def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:

@@ -72,8 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run URL (holds recipe.yaml and the stage state)")
     p.add_argument("--stage", type=int, default=0, help="probe the state at the end of this stage")
     p.add_argument("--targets", default="wiki_en", help="comma-separated target sets of the pool")
-    p.add_argument("--methods", default="first_order=40,preconditioned=40,exact=16",
+    p.add_argument("--methods", default="forward=40,first_order=40,preconditioned=40,exact=16",
                    help="METHOD=PROBES_PER_GROUP, comma-separated (probes are shared: smaller N = a prefix)")
+    p.add_argument("--grad-clip-norm", type=float, default=None,
+                   help="the probe state's clip norm for every method (0: off; default: the run's)")
     p.add_argument("--group-by", default="source", help="catalog column to stratify and group by")
     p.add_argument("--max-target", type=int, default=64, help="target examples L_ref is measured on")
     p.add_argument("--seed", type=int, default=0)
@@ -109,8 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="report folder (default: <source>/report, local only)")
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
-    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "score", "select", "backbones",
-                                          "bounds"])
+    p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "probe-memory", "score", "select",
+                                    "backbones", "bounds"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")

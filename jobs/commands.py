@@ -205,6 +205,8 @@ def cmd_audit_oracle(args) -> int:
     from training.dist_utils import device_name
     from training.stage_loop import state_name
 
+    if args.grad_clip_norm is not None and not args.grad_clip_norm >= 0:
+        raise MatesError(f"`--grad-clip-norm` must be >= 0 (0 turns clipping off); got {args.grad_clip_norm}.")
     store = store_for(args.run)
     if not store.exists("recipe.yaml"):
         raise MatesError(f"`--run` {args.run!r} holds no recipe.yaml; start it with `mates run`.")
@@ -224,7 +226,10 @@ def cmd_audit_oracle(args) -> int:
     if not store_for(recipe.checkpoint_url).exists(state_name(args.stage)):
         raise MatesError(f"`--stage` {args.stage}: {recipe.checkpoint_url} holds no {state_name(args.stage)}.")
     state = load_probe_state(recipe.checkpoint_url, state_name(args.stage))
-    log(f"audit-oracle: state after stage {args.stage} of {args.run}; targets {names}; probes per group {per_group}")
+    if args.grad_clip_norm is not None:  # e.g. 0: compare forward (which never sees the clip) like for like
+        state["hparams"]["grad_clip_norm"] = float(args.grad_clip_norm)
+    log(f"audit-oracle: state after stage {args.stage} of {args.run}; targets {names}; probes per group {per_group}; "
+        f"grad clip norm {state['hparams'].get('grad_clip_norm', 0.0)}")
     result = oracle_audit(state, recipe.data, targets=targets, per_group=per_group, group_by=args.group_by,
                           seed=args.seed, pad_id=pad, device=device_name(recipe.device), log=log)
     text = audit_markdown(result)

@@ -15,9 +15,14 @@ class RandomOptions:
 @dataclass(kw_only=True)
 class MatesOptions:
     temperature: float = 0.5          # Gumbel-top-k temperature tau (authors: 0.5)
-    probe_method: Literal["exact", "first_order", "preconditioned"] = "exact"
+    # forward: the preconditioned influence by a directional derivative, no per-sample gradient
+    # (curation/oracle/forward.py); the others take per-sample gradients (curation/oracle/probes.py)
+    probe_method: Literal["exact", "first_order", "preconditioned", "forward"] = "exact"
     n_probes: int = 256
     probe_batch: int = 16
+    reference_batch: int = 1          # forward: target rows per backward of grad L_ref (its memory: one
+                                      # row at seq 512 is ~0.7 GB of activations at 124M, fp32)
+    forward_derivative: Literal["auto", "central", "jvp"] = "auto"  # auto: central in fp32, jvp otherwise
     target: Optional[str] = None      # a target set of the pool (default: its full-sequence one)
     max_target: int = 64              # target examples L_ref is measured on (first N)
     encoder_max_len: int = 128
@@ -40,6 +45,12 @@ class MatesOptions:
 class GroupMatesOptions(MatesOptions):
     n_trajectories: int = 32          # oracle trajectories of sequential one-step updates
     trajectory_length: int = 10       # T (authors: 10)
+    # trajectories advanced together (each holds theta, m, v and a gradient): null = 1 on CUDA
+    # (a large model: one trajectory's state at a time), 16 on the CPU (small models, batched)
+    trajectory_batch: Optional[int] = None
+    # target examples of the per-step reference loss (null: all `max_target`): evaluated T times
+    # per trajectory, it is most of a trajectory's time (README, "Group oracle cost")
+    trajectory_reference: Optional[int] = None
     relational_epochs: int = 200
     relational_lr: float = 1e-2
     n_clusters: int = 8               # spherical k-means clusters over h(x)

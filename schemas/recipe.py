@@ -268,6 +268,7 @@ def _validate(recipe: Recipe) -> Recipe:
     if hasattr(opts, "n_probes"):
         _require(opts.n_probes >= 1, f"{where}.n_probes", ">= 1", opts.n_probes)
         _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
+        _require(opts.reference_batch >= 1, f"{where}.reference_batch", ">= 1", opts.reference_batch)
         _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
                  opts.encoder_layers)
         _require(2 <= opts.encoder_max_len <= 512, f"{where}.encoder_max_len", "in [2, 512]",
@@ -281,6 +282,11 @@ def _validate(recipe: Recipe) -> Recipe:
     if hasattr(opts, "n_clusters"):
         for key in ("trajectory_length", "n_clusters", "relational_epochs"):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
+        _require(opts.trajectory_batch is None or opts.trajectory_batch >= 1, f"{where}.trajectory_batch",
+                 ">= 1 or null (1 on CUDA, 16 on the CPU)", opts.trajectory_batch)
+        _require(opts.trajectory_reference is None or opts.trajectory_reference >= 1,
+                 f"{where}.trajectory_reference", ">= 1 or null (every `max_target` example)",
+                 opts.trajectory_reference)
         _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
                  ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
         _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",

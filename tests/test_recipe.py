@@ -123,3 +123,26 @@ def test_backbone_option_of_mates_and_group_mates():
                                                 f"'finetune', 'frozen'; got 'frozn'.")
     assert recipe_from_dict({**BASE, "stages": {"method": "mates"}}).method_options.backbone == "finetune"
     assert "`stages.options.head_epochs`" in error_of({"stages": {"method": "mates", "options": {"head_epochs": 0}}})
+
+
+def test_forward_oracle_and_trajectory_keys():
+    """The forward oracle's and the trajectories' keys: defaults, and one-line errors naming them."""
+    opts = recipe_from_dict({**BASE, "stages": {"method": "group_mates"}}).method_options
+    assert (opts.reference_batch, opts.forward_derivative, opts.trajectory_batch, opts.trajectory_reference) \
+        == (1, "auto", None, None)
+    group = {"method": "group_mates", "options": {"probe_method": "forward", "trajectory_batch": 1,
+                                                  "trajectory_reference": 16}}
+    opts = recipe_from_dict({**BASE, "stages": group}).method_options
+    assert (opts.probe_method, opts.trajectory_batch, opts.trajectory_reference) == ("forward", 1, 16)
+    assert error_of({"stages": {"method": "mates", "options": {"probe_method": "backward"}}}) == (
+        "`stages.options.probe_method` must be one of 'exact', 'first_order', 'preconditioned', 'forward'; "
+        "got 'backward'.")
+    assert error_of({"stages": {"method": "mates", "options": {"forward_derivative": "fd"}}}) == (
+        "`stages.options.forward_derivative` must be one of 'auto', 'central', 'jvp'; got 'fd'.")
+    assert "`stages.options.reference_batch` must be >= 1" in error_of(
+        {"stages": {"method": "mates", "options": {"reference_batch": 0}}})
+    for key in ("trajectory_batch", "trajectory_reference"):
+        assert f"`stages.options.group_mates.{key}` must be >= 1 or null" in error_of(
+            {"stages": {"method": "group_mates", "options": {"group_mates": {key: 0}}}})
+    assert "`stages.options.trajectory_batch`" in error_of(
+        {"stages": {"method": "mates", "options": {"trajectory_batch": 2}}})  # not a mates key

@@ -112,16 +112,17 @@ def test_other_recipe_in_same_run_is_refused(clean_run, s3_pool):
     assert result.returncode == 2 and "another recipe" in result.stderr
 
 
-# What the launcher test needs of `mates`: a probed, fitted influence model to score with (rank 0
-# probes alone, so few probes on few target examples; the quality of the fit is test_mates_e2e's).
+# What the launcher test needs of `mates`: a probed, fitted influence model to score with (few
+# probes on few target examples; the quality of the fit is test_mates_e2e's).
 DDP_OPTIONS = ("stages.options={n_probes: 24, probe_batch: 12, encoder_layers: 1, encoder_max_len: 64, "
                "epochs: 1, max_target: 8, batch_size: 16}")
 
 
 def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server, tmp_path):
-    """`composer -n 2` runs the loop with gloo and `method: mates`: rank 0 probes and fits, each
-    rank scores its half of the candidates into its own part, rank 0 selects and writes the index;
-    `tokens_seen` is the sum of the tokens each rank trained on (its file logger's count)."""
+    """`composer -n 2` runs the loop with gloo and `method: mates`: each rank probes its half of the
+    probes, rank 0 fits, each rank scores its half of the candidates into its own part, rank 0
+    selects and writes the index; `tokens_seen` is the sum of the tokens each rank trained on (its
+    file logger's count)."""
     import boto3
 
     from curation.influence.finetuned import InfluenceModel
@@ -149,6 +150,10 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server, tmp_path)
     stage = join(run, "stages", "1")
     assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
     assert sorted(store_for(stage).listdir("scores")) == ["part-00000.parquet", "part-00001.parquet"]
+    # the probes were dealt to both ranks (24 probes in chunks of 12: one chunk each), rank 0 merged them
+    assert sorted(store_for(stage).listdir("oracle")) == ["probes-part-00000.parquet", "probes-part-00001.parquet"]
+    assert [read_parquet(stage, "oracle", f"probes-part-0000{r}.parquet").num_rows for r in (0, 1)] == [12, 12]
+    assert read_parquet(stage, "probes.parquet").num_rows == 24
     parts = [read_parquet(stage, "scores", f"part-0000{r}.parquet") for r in (0, 1)]
     assert [p.num_rows for p in parts] == [200, 200]
     ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])

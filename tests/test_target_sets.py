@@ -150,14 +150,19 @@ def test_curation_reads_the_named_target_and_never_an_eval_set(local_pool, tmp_p
     assert code == 0, err[-3000:]
     out = tmp_path / "oracle-audit.json"
     code, err = cli(capsys, "audit-oracle", "--run", run, "--targets", "wiki_en,wiki_en_cloze",
-                    "--methods", "first_order=4,exact=2", "--max-target", "8", "--out", str(out))
+                    "--methods", "forward=4,first_order=4,exact=2", "--max-target", "8", "--out", str(out))
     assert code == 0, err[-3000:]
     result = json.load(open(out))
-    for target in ("wiki_en", "wiki_en_cloze"):  # 8 sources x (4 first-order, 2 exact) probes, shared
+    for target in ("wiki_en", "wiki_en_cloze"):  # 8 sources x (4 forward, 4 first-order, 2 exact) probes, shared
         rows = [r for r in result["rows"] if r["target"] == target]
-        assert sorted((r["method"], r["probes"]) for r in rows) == [("exact", 2)] * 8 + [("first_order", 4)] * 8
-        share = next(a for a in result["spearman"] if a["target"] == target)
+        assert sorted((r["method"], r["probes"]) for r in rows) == \
+            [("exact", 2)] * 8 + [("first_order", 4)] * 8 + [("forward", 4)] * 8
+        pairs = {(a["a"], a["b"]): a for a in result["spearman"] if a["target"] == target}
+        share = pairs[("first_order", "exact")]
         assert share["probes"] == 16 and share["spearman"] > 0.5  # first order ranks like exact
+        assert pairs[("forward", "first_order")]["probes"] == 32
+        assert pairs[("forward", "first_order")]["spearman"] > 0.8
+        assert -1 <= pairs[("forward", "first_order")]["group_spearman"] <= 1
     for path in glob.glob(os.path.join(data, EVAL, "*.parquet")) + [os.path.join(data, TARGETS, "wiki_en.parquet")]:
         with open(path, "wb") as handle:
             handle.write(b"not parquet")

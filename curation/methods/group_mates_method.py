@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.store.stage_index import stage_url
 from curation.methods.base import StageContext
 from curation.methods.mates_method import MatesMethod
@@ -33,17 +34,66 @@ class GroupMatesMethod(MatesMethod):
     # Clustering needs every candidate's embedding in one process: rank 0 scores them all.
     parallel_scoring = False
 
-    def group_oracle(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Random trajectories and their per-step oracle increments: ([n, T] ids, [n, T])."""
-        from curation.oracle.trajectories import random_trajectories, run_trajectories, trajectories_table
+    def trajectory_ids(self, ctx: StageContext) -> np.ndarray:
+        """The random trajectories' sample ids [n, T] (the same on every rank)."""
+        from curation.oracle.trajectories import random_trajectories
 
         opts = ctx.options
-        state, reference = self.oracle_inputs(ctx, pad_id)
         rng = np.random.default_rng([ctx.seed, ctx.stage, 271828])
-        ids = random_trajectories(ctx.candidates, opts.n_trajectories, opts.trajectory_length, rng)
-        samples = [[pool[int(i)] for i in row] for row in ids]
-        increments = run_trajectories(state, reference, samples, pad_id=pad_id, device=ctx.device,
-                                      batch=opts.probe_batch)
+        return random_trajectories(ctx.candidates, opts.n_trajectories, opts.trajectory_length, rng)
+
+    @staticmethod
+    def trajectory_batch(ctx: StageContext) -> int:
+        """Trajectories advanced together: the recipe's, else 1 on CUDA (one trajectory's theta, m, v
+        and gradient at a time: what a large model allows), 16 on the CPU (small models, batched)."""
+        return ctx.options.trajectory_batch or (1 if str(ctx.device).startswith("cuda") else 16)
+
+    def trajectory_values(self, ctx: StageContext, state: dict, reference, rows: list[list[dict]], pad_id: int,
+                          length: int) -> np.ndarray:
+        from curation.oracle.trajectories import run_trajectories
+
+        if not rows:
+            return np.zeros((0, ctx.options.trajectory_length))
+        return run_trajectories(state, reference, rows, pad_id=pad_id, device=ctx.device,
+                                batch=self.trajectory_batch(ctx), length=length)
+
+    def oracle_part(self, ctx: StageContext, rank: int, world_size: int, barrier) -> None:
+        """MATES' probes, then this rank's whole chunks of the trajectories; rank 0 keeps them all."""
+        from curation.oracle.ranks import on_ranks
+
+        super().oracle_part(ctx, rank, world_size, barrier)
+        t0 = time.perf_counter()
+        ids = self.trajectory_ids(ctx)
+
+        def compute(lo: int, hi: int) -> pa.Table:  # all of it inside: a failure here is told to every rank
+            pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
+            state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
+            length = max((len(pool[int(i)]["tokens"]) for i in np.unique(ids)), default=1)  # one for all ranks
+            rows = [[pool[int(i)] for i in row] for row in ids[lo:hi]]
+            values = self.trajectory_values(ctx, state, reference, rows, pad_id, length)
+            return pa.table({"trajectory": np.arange(lo, hi, dtype=np.int64),
+                             "increments": pa.array(values.tolist(), pa.list_(pa.float64()))})
+
+        table = on_ranks(stage_url(ctx.run_url, ctx.stage), "trajectories", len(ids),
+                         chunk=self.trajectory_batch(ctx), rank=rank, world_size=world_size, barrier=barrier,
+                         compute=compute)
+        if table is not None:
+            self.merged_trajectories = (ids, np.asarray(table.column("increments").to_pylist(), dtype=np.float64))
+        ctx.timings["group_oracle"] = time.perf_counter() - t0
+
+    def group_oracle(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Random trajectories and their per-step oracle increments: ([n, T] ids, [n, T]); the ranks'
+        merged parts when `oracle_part` ran, else all of them here."""
+        from curation.oracle.trajectories import trajectories_table
+
+        if getattr(self, "merged_trajectories", None) is not None:
+            ids, increments = self.merged_trajectories
+        else:
+            state, reference = self.oracle_inputs(ctx, pad_id, limit=ctx.options.trajectory_reference)
+            ids = self.trajectory_ids(ctx)
+            rows = [[pool[int(i)] for i in row] for row in ids]
+            increments = self.trajectory_values(ctx, state, reference, rows, pad_id,
+                                                max((len(s["tokens"]) for r in rows for s in r), default=1))
         write_parquet(trajectories_table(ids, increments, ctx.stage), stage_url(ctx.run_url, ctx.stage),
                       "trajectories.parquet")
         return ids, increments
@@ -68,7 +118,7 @@ class GroupMatesMethod(MatesMethod):
 
         t0 = time.perf_counter()
         traj_ids, increments = self.group_oracle(ctx, pool, pad_id)
-        ctx.timings["group_oracle"] = time.perf_counter() - t0
+        ctx.timings["group_oracle"] = ctx.timings.get("group_oracle", 0.0) + time.perf_counter() - t0
         ctx.log(f"  group oracle: {traj_ids.shape[0]} trajectories x T={traj_ids.shape[1]} in "
                 f"{ctx.timings['group_oracle']:.1f} s")
 

@@ -41,27 +41,74 @@ def _split_url(url: str) -> tuple[str, str]:
 class MatesMethod(CurationMethod):
     name = "mates"
 
-    def oracle_inputs(self, ctx: StageContext, pad_id: int) -> tuple[dict, ReferenceSet]:
+    def oracle_inputs(self, ctx: StageContext, pad_id: int, limit: int | None = None) -> tuple[dict, ReferenceSet]:
         """The model state at this boundary and the target set L_ref is measured on (its loss kind
-        is in its rows: `target_start` = 1 for lm, the target word's first token for cloze)."""
+        is in its rows: `target_start` = 1 for lm, the target word's first token for cloze): its
+        first `max_target` examples, or the first `limit` of those."""
         if ctx.state_url is None:
             raise MatesError(f"`{self.name}` needs a trained model state; stage 0 is always `random`.")
         state = load_probe_state(*_split_url(ctx.state_url))
         table = load_set(ctx.data_url, TARGETS, ctx.target)
-        return state, ReferenceSet(table, pad_id, batch_size=16, limit=ctx.options.max_target)
+        rows = min(ctx.options.max_target, limit or ctx.options.max_target)
+        return state, ReferenceSet(table, pad_id, batch_size=16, limit=rows)
 
-    def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x))."""
+    # Probes (and Group-MATES' trajectories) are dealt to every rank of a launched run:
+    # curation/stage_job.py calls `oracle_part` on each rank, rank 0 then fits on the merged parts.
+    parallel_oracle = True
+
+    def probe_ids(self, ctx: StageContext) -> np.ndarray:
+        """The `n_probes` candidates probed at this boundary (sorted; the same on every rank)."""
+        n = min(ctx.options.n_probes, len(ctx.candidates))
+        rng = np.random.default_rng([ctx.seed, ctx.stage, 31337])
+        return np.sort(rng.choice(ctx.candidates, size=n, replace=False))
+
+    def probe_values(self, ctx: StageContext, state: dict, reference: ReferenceSet, samples: list[dict],
+                     pad_id: int, length: int) -> np.ndarray:
+        """I(x) of `samples` by the recipe's probe method, every chunk padded to `length`."""
         from curation.oracle.probes import probe_influence
 
         opts = ctx.options
-        state, reference = self.oracle_inputs(ctx, pad_id)
-        n = min(opts.n_probes, len(ctx.candidates))
-        rng = np.random.default_rng([ctx.seed, ctx.stage, 31337])
-        ids = np.sort(rng.choice(ctx.candidates, size=n, replace=False))
-        samples = [pool[int(i)] for i in ids]
-        influence = probe_influence(state, reference, samples, method=opts.probe_method,
-                                    probe_batch=opts.probe_batch, pad_id=pad_id, device=ctx.device)
+        if not samples:
+            return np.zeros(0)
+        return probe_influence(state, reference, samples, method=opts.probe_method, probe_batch=opts.probe_batch,
+                               pad_id=pad_id, device=ctx.device, reference_batch=opts.reference_batch,
+                               derivative=opts.forward_derivative, length=length)
+
+    def oracle_part(self, ctx: StageContext, rank: int, world_size: int, barrier) -> None:
+        """This rank's whole chunks of the probes (curation/oracle/ranks.py); rank 0 keeps them all."""
+        from curation.oracle.ranks import on_ranks
+
+        t0 = time.perf_counter()
+        ids = self.probe_ids(ctx)
+
+        def compute(lo: int, hi: int) -> pa.Table:  # all of it inside: a failure here is told to every rank
+            pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
+            state, reference = self.oracle_inputs(ctx, pad_id)
+            length = max((len(pool[int(i)]["tokens"]) for i in ids), default=1)  # one padding for all ranks
+            samples = [pool[int(i)] for i in ids[lo:hi]]
+            return pa.table({"sample_id": ids[lo:hi],
+                             "influence": self.probe_values(ctx, state, reference, samples, pad_id, length)})
+
+        table = on_ranks(stage_url(ctx.run_url, ctx.stage), "probes", len(ids), chunk=ctx.options.probe_batch,
+                         rank=rank, world_size=world_size, barrier=barrier, compute=compute)
+        if table is not None:
+            self.merged_probes = (np.asarray(table.column("sample_id")), np.asarray(table.column("influence")))
+        ctx.timings["probe"] = time.perf_counter() - t0
+        ctx.log(f"  rank {rank}/{world_size}: probed {len(ids)} candidates' share in {ctx.timings['probe']:.1f} s")
+
+    def probe(self, ctx: StageContext, pool: MDSFolder, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Oracle influence of `n_probes` candidates sampled at random: (sample ids, I(x)); the ranks'
+        merged parts when `oracle_part` ran, else all of them here."""
+        opts = ctx.options
+        if getattr(self, "merged_probes", None) is not None:
+            ids, influence = self.merged_probes
+        else:
+            state, reference = self.oracle_inputs(ctx, pad_id)
+            ids = self.probe_ids(ctx)
+            samples = [pool[int(i)] for i in ids]
+            influence = self.probe_values(ctx, state, reference, samples, pad_id,
+                                          max((len(s["tokens"]) for s in samples), default=1))
+        n = len(ids)
         probes = pa.table({"sample_id": ids, "influence": influence,
                            "method": [opts.probe_method] * n, "stage": [ctx.stage] * n})
         write_parquet(tables.conform(probes, tables.PROBES), stage_url(ctx.run_url, ctx.stage), "probes.parquet")
@@ -150,7 +197,7 @@ class MatesMethod(CurationMethod):
         pad_id = tokenizer.token_to_id(EOS)
         t0 = time.perf_counter()
         ids, influence = self.probe(ctx, pool, pad_id)
-        ctx.timings["probe"] = time.perf_counter() - t0
+        ctx.timings["probe"] = ctx.timings.get("probe", 0.0) + time.perf_counter() - t0
         failpoint("probe")
         ctx.log(f"  probed {len(ids)} candidates ({ctx.options.probe_method}): I(x) mean "
                 f"{influence.mean():+.5f} std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")

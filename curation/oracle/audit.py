@@ -70,12 +70,18 @@ def oracle_audit(state: dict, data_url: str, *, targets: dict[str, ReferenceSet]
             rows += [{"target": target, "method": method, **r} for r in _summary(groups, found[method])]
             log(f"  {target} / {method}: {len(ids)} probes in {seconds[f'{target}/{method}']:.1f} s")
         methods = list(found)
+        means = {m: {r["group"]: r["mean_z"] for r in rows if r["target"] == target and r["method"] == m}
+                 for m in methods}
+        order = {m: sorted(z, key=z.get) for m, z in means.items()}  # most to least preferred group
         for i, a in enumerate(methods):
             for b in methods[i + 1:]:
                 shared = sorted(set(found[a]) & set(found[b]))
                 agreement.append({"target": target, "a": a, "b": b, "probes": len(shared),
                                   "spearman": spearman(np.array([found[a][s] for s in shared]),
-                                                       np.array([found[b][s] for s in shared]))})
+                                                       np.array([found[b][s] for s in shared])),
+                                  "same_group_order": order[a] == order[b],
+                                  "group_spearman": spearman(np.array([means[a][g] for g in order[a]]),
+                                                             np.array([means[b][g] for g in order[a]]))})
     return {"rows": rows, "spearman": agreement, "seconds": seconds}
 
 
@@ -97,5 +103,8 @@ def audit_markdown(result: dict) -> str:
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     lines.append("")
     lines += [f"- Spearman {a['a']} vs {a['b']} on `{a['target']}` ({a['probes']} shared probes): {a['spearman']:.3f}"
+              + ("" if "same_group_order" not in a else
+                 f"; groups' mean z: Spearman {a['group_spearman']:.3f}, order "
+                 f"{'the same' if a['same_group_order'] else 'differs'}")
               for a in result["spearman"]]
     return "\n".join(lines)

@@ -39,7 +39,8 @@ from torch.func import functional_call, grad, vmap
 from curation.lm.batching import IGNORE, ReferenceSet, collate_samples
 from schemas.errors import MatesError
 
-METHODS = ("exact", "first_order", "preconditioned")
+METHODS = ("exact", "first_order", "preconditioned")           # per-sample gradients (this file)
+PROBE_METHODS = (*METHODS, "forward")                          # + forward-only (oracle/forward.py)
 # Probes per vmapped reference forward. A GPU needs many at once to fill it, up to this many logit
 # elements ([probes, R, K, V]; 2^27 fp32 = 512 MiB). A CPU is already busy with one: measured on
 # the demo model, 8 probes per vmap cost 1.1-2.8x more per probe than 1, so CPUs go one at a time.
@@ -265,17 +266,26 @@ def _check_lengths(samples: list[dict], n_ctx: int) -> int:
 
 def probe_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, method: str = "exact",
                     probe_batch: int = 16, pad_id: int, device="cpu", dtype=torch.float32,
-                    progress: Callable[[int], object] | None = None) -> np.ndarray:
+                    progress: Callable[[int], object] | None = None, reference_batch: int = 1,
+                    derivative: str = "auto", length: int | None = None) -> np.ndarray:
     """I(x) [N] (float64) of pool samples ({"tokens", "sample_id"}), in their order.
 
     Every chunk is padded to the same length so the vmapped shapes never change. `progress`, if
     given, is called with the number of probes finished after each chunk (e.g. tqdm's `update`).
+    `reference_batch` and `derivative` are `forward`'s (curation/oracle/forward.py). `length`
+    (default: the longest sample) pads every chunk to it: the ranks of a launched run share one.
     """
+    if method == "forward":
+        from curation.oracle.forward import forward_influence
+
+        return forward_influence(state, reference, samples, pad_id=pad_id, probe_batch=probe_batch,
+                                 reference_batch=reference_batch, derivative=derivative,
+                                 device=device, dtype=dtype, progress=progress, length=length)
     if not samples:
         return np.zeros(0)
     prober = OracleProber(state, reference, method=method, probe_batch=probe_batch, device=device,
                           dtype=dtype)
-    length = _check_lengths(samples, prober.model.config.max_position_embeddings)
+    length = max(_check_lengths(samples, prober.model.config.max_position_embeddings), length or 0)
     out = []
     for lo in range(0, len(samples), probe_batch):
         chunk = samples[lo:lo + probe_batch]

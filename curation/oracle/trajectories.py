@@ -118,18 +118,19 @@ def _check_trajectories(trajectories: list[list[dict]]) -> int:
 
 def run_trajectories(state: dict, reference, trajectories: list[list[dict]], *, pad_id: int,
                      device="cpu", batch: int = 16, dtype=torch.float32,
-                     progress: Callable[[int], object] | None = None) -> np.ndarray:
+                     progress: Callable[[int], object] | None = None, length: int | None = None) -> np.ndarray:
     """Per-step oracle increments [n_traj, T] (float64) of trajectories of pool samples.
 
     `trajectories[j]` is a list of T pool samples ({"tokens", "sample_id"}), trained on in order.
-    Every sample is padded to the longest one, so the vmapped shapes never change. `progress`, if
+    Every sample is padded to the longest one (or `length`, which the ranks of a launched run
+    share), so the vmapped shapes never change. `progress`, if
     given, is called with the number of trajectories finished after each chunk.
     """
     if not trajectories:
         return np.zeros((0, 0))
     n_steps = _check_trajectories(trajectories)
     oracle = TrajectoryOracle(state, reference, batch=batch, device=device, dtype=dtype)
-    length = max(len(s["tokens"]) for tr in trajectories for s in tr)
+    length = max(max(len(s["tokens"]) for tr in trajectories for s in tr), length or 0)
     if length > oracle.n_ctx:
         raise MatesError(f"trajectory samples must be at most the model's {oracle.n_ctx} tokens; "
                          f"got {length}.")
