@@ -80,13 +80,16 @@ def test_forward_errors_name_the_key(state, reference, samples):
     assert probe_influence(state, reference, [], method="forward", pad_id=0).shape == (0,)
 
 
-def test_forward_on_gpt_neox_equals_preconditioned(reference, samples):
-    """The chunked loss reads any transformers causal LM (base_model + output embeddings): GPT-NeoX,
-    untied head, rotary positions (measured 3e-9: its rotary tables are fp32)."""
+@pytest.mark.parametrize("name, kv_heads", [("gpt_neox", None), ("llama", 1)])
+def test_forward_on_other_architectures_equals_preconditioned(reference, samples, name, kv_heads):
+    """The chunked loss reads any transformers causal LM (base_model + output embeddings): GPT-NeoX
+    (untied head, rotary positions: measured 3e-9, its rotary tables are fp32) and Llama (RMSNorm,
+    SwiGLU, grouped-query heads)."""
     from jobs.bench_probe import toy_probe_state
     from schemas.recipe import ModelConfig
 
-    neox = toy_probe_state(ModelConfig(name="gpt_neox", d_model=32, n_layers=2, n_heads=2, max_seq_len=32), VOCAB)
+    neox = toy_probe_state(ModelConfig(name=name, d_model=32, n_layers=2, n_heads=2, n_kv_heads=kv_heads,
+                                       max_seq_len=32), VOCAB)
     neox = {**neox, "hparams": {**neox["hparams"], "grad_clip_norm": 0.0}}
     want = probe_influence(neox, reference, samples[:6], method="preconditioned", pad_id=0, dtype=torch.float64)
     got = probe_influence(neox, reference, samples[:6], method="forward", pad_id=0, dtype=torch.float64)
