@@ -63,7 +63,7 @@ def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=Non
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks exchange small objects only (counts, indexes)
         from training import dist_utils
 
-        dist_utils.init(recipe.device)
+        dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
         ranks = dist_utils.ranks()
     else:  # one process: no Composer import, so bad input is refused in about a second
         ranks = Ranks()

@@ -103,6 +103,8 @@ class Recipe:
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
     grad_clip_norm: float = 1.0
+    # seconds any collective may wait (the process group's timeout); no long phase waits on one
+    dist_timeout_s: float = 600.0
     save_folder: Optional[str] = None  # default: <run>/checkpoints
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -296,6 +298,7 @@ def _validate(recipe: Recipe) -> Recipe:
              "a positive number", recipe.optimizer.lr)
     _require(len(recipe.optimizer.betas) == 2 and all(0 <= b < 1 for b in recipe.optimizer.betas),
              "optimizer.betas", "two numbers in [0, 1)", recipe.optimizer.betas)
+    _require(recipe.dist_timeout_s > 0, "dist_timeout_s", "> 0 (seconds)", recipe.dist_timeout_s)
     _require(recipe.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 turns clipping off)",
              recipe.grad_clip_norm)
     return recipe
