@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an evaluation set (same format), disjoint from the pool and every target; repeatable")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--vocab-size", type=int)
+    p.add_argument("--shard-size-limit", type=int, metavar="BYTES",
+                   help="bytes per pool shard (`ingest.shard_size_limit`; default 64 MiB)")
     p.add_argument("--tokenizer", help="a tokenizer.json to load instead of training one")
     p.add_argument("--source", default="text", help="source label for records without one")
     p.add_argument("--force", action="store_true", help="replace an existing pool")

@@ -99,6 +99,8 @@ def cmd_ingest(args) -> int:
         overrides["tokenizer.vocab_size"] = args.vocab_size
     if args.tokenizer:
         overrides["tokenizer.path"] = args.tokenizer
+    if args.shard_size_limit is not None:
+        overrides["ingest.shard_size_limit"] = args.shard_size_limit
     if args.data:
         overrides["data"] = args.data
     if args.recipe:

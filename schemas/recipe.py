@@ -37,7 +37,9 @@ class IngestConfig:
     seq_len: int = 128                # tokens per sample (documents are cut into slices)
     min_tokens: int = 16              # slices shorter than this are dropped (tails, tiny docs)
     max_docs: Optional[int] = None    # cap on documents read (None = all)
-    shard_size_limit: int = 1 << 22   # bytes per MDS shard before a new one starts
+    # bytes per MDS shard before a new one starts: 64 MiB, streaming's own default (a 4 MiB shard
+    # held ~1,000 samples, so a pool of 10^8 was 10^5 objects and a GET of overhead per 4 MiB)
+    shard_size_limit: int = 1 << 26
     batch_docs: int = 1000            # documents tokenized per batch
     max_doc_chars: int = 10_000_000   # a longer document is refused (a dump, not a document)
 
@@ -287,6 +289,8 @@ def _validate(recipe: Recipe) -> Recipe:
     _require(recipe.ingest.seq_len >= 2, "ingest.seq_len", ">= 2", recipe.ingest.seq_len)
     _require(recipe.ingest.seq_len <= m.max_seq_len, "ingest.seq_len",
              f"<= model.max_seq_len={m.max_seq_len} (the model's context)", recipe.ingest.seq_len)
+    _require(1 << 16 <= recipe.ingest.shard_size_limit <= 1 << 31, "ingest.shard_size_limit",
+             "in [65536, 2147483648] bytes (default 67108864 = 64 MiB)", recipe.ingest.shard_size_limit)
     _require(1 <= recipe.ingest.min_tokens <= recipe.ingest.seq_len, "ingest.min_tokens",
              f"in [1, ingest.seq_len={recipe.ingest.seq_len}]", recipe.ingest.min_tokens)
     _require(256 < recipe.tokenizer.vocab_size <= 65536, "tokenizer.vocab_size", "in (256, 65536]",
