@@ -276,8 +276,10 @@ def _validate(recipe: Recipe) -> Recipe:
         if hasattr(opts, key):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):
-        for key in ("trajectory_length", "n_clusters", "relational_epochs"):
+        for key in ("trajectory_length", "cluster_size", "relational_epochs"):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
+        _require(opts.n_clusters is None or opts.n_clusters >= 1, f"{where}.n_clusters",
+                 f">= 1, or null for candidates / {where}.cluster_size", opts.n_clusters)
         _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
                  ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
         _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",
