@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--batches", type=int, default=None, help="train: batches per measured run (default 100)")
+    p.add_argument("--rows", default=None, metavar="N,N,...",
+                   help="select: pool sizes, each in its own process (default 100000,1000000,5000000)")
     return parser
 
 

@@ -294,6 +294,11 @@ def cmd_bench(args) -> int:
         print(json.dumps(bench_bounds(out=args.out, log=log), indent=2))
         return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
+    if args.rows and args.what == "select":
+        sizes = args.rows.split(",")
+        if not all(n.isdigit() and int(n) >= 100 for n in sizes):
+            raise MatesError(f"`--rows` must be pool sizes >= 100 separated by commas; got {args.rows!r}.")
+        extra = {"sizes": [int(n) for n in sizes]}
     result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)
     print(json.dumps(result, indent=2))
     return 0

@@ -9,8 +9,8 @@ greedy selection (`curation.select.greedy`) can run per cluster instead of over 
   then, when N is large, refined by this same k-means on a seeded subsample of `warm_rows` rows
   (default 64 k): full-data passes then start near a fixed point, so the bounds below prune early.
 * assignment: by cosine similarity, chunked matmul [chunk, D] @ [D, k] with a chunk of
-  `_CHUNK_ELEMS / k` rows, so the similarity block stays ~16 MB (1,000,000 x 384: the embeddings
-  plus ~60 MB).
+  `_CHUNK_ELEMS / max(k, D)` rows, so the similarity block and the chunk's rows upcast to fp32
+  stay ~16 MB each (with k = 23 the chunk was 182 k rows: 280 MB of fp32 rows).
 * update: centroid = normalised mean of its members.
 * empty clusters are re-seeded with the points farthest from their own centroid (deterministic).
 * stop after `max_iter` passes, or when no assignment changed (at most `tol` · N with `tol` > 0).
@@ -228,7 +228,7 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
     if not 0 <= tol < 1:
         raise MatesError(f"`tol` must be in [0, 1); got {tol}.")
     device = torch.device(device)
-    chunk = max(256, _CHUNK_ELEMS // k)
+    chunk = max(256, _CHUNK_ELEMS // max(k, dim))   # [chunk, k] sims and the [chunk, D] fp32 rows: ~16 MB each
     x = _normalised(emb, chunk)                                     # [N, D] unit rows
     warm = 64 * k if warm_rows is None else warm_rows
     warm_stats: dict = {}
