@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from curation.failpoints import delay
 from curation.oracle.stage_audit import audit_line, audit_table
+from curation.store.catalog import read_catalog
 from curation.store.stage_index import stage_committed, stage_url, write_stage_index
 from curation.methods import get_method
 from curation.methods.base import StageContext
@@ -94,8 +95,10 @@ def write_audit(ctx: StageContext, method, pred: np.ndarray, selection: pa.Table
     ids, keep = np.asarray(selection.column("sample_id")), np.asarray(selection.column("selected"))
     selected = np.zeros(len(ctx.candidates), dtype=bool)
     selected[np.searchsorted(ctx.candidates, ids[keep])] = True   # candidates are sorted
-    groups = read_parquet(ctx.data_url, "catalog", "samples.parquet").select(["sample_id", ctx.audit_by])
     probe_ids, influence = getattr(method, "probed", (None, None))
+    # two columns of the candidates' rows only (curation/store/catalog.py), not the whole catalog
+    wanted = ctx.candidates if probe_ids is None else np.union1d(ctx.candidates, probe_ids)
+    groups = read_catalog(ctx.data_url, [ctx.audit_by], ids=wanted)
     table = audit_table(groups, stage=ctx.stage, group_by=ctx.audit_by, candidates=ctx.candidates, scores=pred,
                         selected=selected, probe_ids=probe_ids, probe_influence=influence)
     write_parquet(table, stage_url(ctx.run_url, ctx.stage), "audit.parquet")
