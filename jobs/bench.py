@@ -90,7 +90,7 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100, repeats: int
     from curation.store.pool import MDSFolder
     from schemas.recipe import recipe_from_dict
     from training import data as train_data
-    from training import stage_loop
+    from training import stage_loop, trainer_parts
 
     with tempfile.TemporaryDirectory() as tmp, loopback_s3("mates-bench") as bucket:
         corpus = _demo_corpus(out or tmp, recipe.seed, max_per_source=1500)
@@ -114,6 +114,7 @@ def bench_train(recipe, *, out=None, log=print, batches: int = 100, repeats: int
             train_data.CACHE_ROOT = os.path.join(tmp, f"cache-{k}")  # a cold cache per streamed run
             trained = stage_loop.train_stage(ctx, 0, in_memory=samples if mode == "in_memory" else None)
             runs[mode].append((trained["tokens_per_s"] * trained["seconds"], trained["seconds"]))
+            trainer_parts.release(trained.pop("trainer"))
             log(f"bench train: run {k} {mode}: {trained['tokens_per_s']:,.0f} tokens/s")
     figure = {mode: sum(t for t, _ in r) / sum(s for _, s in r) for mode, r in runs.items()}
     result = {"batches": batches, "batch_size": recipe.train_loader.batch_size, "runs_per_mode": len(runs["in_memory"]),

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab-size", type=int)
     p.add_argument("--shard-size-limit", type=int, metavar="BYTES",
                    help="bytes per pool shard (`ingest.shard_size_limit`; default 64 MiB)")
-    p.add_argument("--tokenizer", help="a tokenizer.json to load instead of training one")
+    p.add_argument("--tokenizer", help="any Hugging Face tokenizer.json (file or folder) to load instead of training "
+                                       "one; over 65,536 entries the pool stores uint32 tokens")
     p.add_argument("--source", default="text", help="source label for records without one")
     p.add_argument("--force", action="store_true", help="replace an existing pool")
 

@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from schemas import bounds
+from schemas import bounds, training_keys
 from schemas.errors import MatesError
 from schemas.method_options import METHOD_OPTIONS
 
@@ -46,19 +46,24 @@ class IngestConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: Literal["gpt2", "gpt_neox"] = "gpt2"
+    name: Literal["gpt2", "gpt_neox", "llama"] = "gpt2"
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
     max_seq_len: int = 128
     dropout: float = 0.0
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"  # training and evaluation; the oracle: eager
+    n_kv_heads: Optional[int] = None  # llama: grouped-query heads (None = n_heads)
+    d_ff: Optional[int] = None        # MLP width (None: 4 d_model; llama: its SwiGLU 8/3 d_model)
+    rope_theta: float = 10000.0       # gpt_neox and llama rotary base
 
 
 @dataclass(kw_only=True)
 class TrainLoaderConfig:
-    batch_size: int = 16
-    num_workers: int = 0
+    batch_size: int = 16              # global: split evenly over the ranks
+    num_workers: Optional[int] = None  # None: 1 on Linux (loading overlaps training), 0 elsewhere
     shuffle: bool = True
+    microbatch_size: Optional[Union[int, Literal["auto"]]] = None  # per device; auto: CUDA only
 
 
 @dataclass(kw_only=True)
@@ -116,8 +121,10 @@ class Recipe:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
-    callbacks: dict = field(default_factory=dict)
+    callbacks: dict = field(default_factory=dict)   # name -> kwargs (training/plugins.py)
     loggers: dict = field(default_factory=dict)
+    parallelism: dict = field(default_factory=dict)  # {fsdp: {...}}: Composer's parallelism_config
+    compile: bool = False                            # torch.compile through Composer's compile_config
     method_options: Any = None        # filled from stages.options by validation
 
     @property
@@ -295,8 +302,8 @@ def _validate(recipe: Recipe) -> Recipe:
              "in [65536, 2147483648] bytes (default 67108864 = 64 MiB)", recipe.ingest.shard_size_limit)
     _require(1 <= recipe.ingest.min_tokens <= recipe.ingest.seq_len, "ingest.min_tokens",
              f"in [1, ingest.seq_len={recipe.ingest.seq_len}]", recipe.ingest.min_tokens)
-    _require(256 < recipe.tokenizer.vocab_size <= 65536, "tokenizer.vocab_size", "in (256, 65536]",
-             recipe.tokenizer.vocab_size)
+    _require(256 < recipe.tokenizer.vocab_size <= training_keys.MAX_VOCAB, "tokenizer.vocab_size",
+             f"in (256, {training_keys.MAX_VOCAB}]", recipe.tokenizer.vocab_size)
     _require(recipe.eval.max_examples >= 1, "eval.max_examples", ">= 1", recipe.eval.max_examples)
     _require(recipe.train_loader.batch_size >= 1, "train_loader.batch_size", ">= 1",
              recipe.train_loader.batch_size)
@@ -307,6 +314,7 @@ def _validate(recipe: Recipe) -> Recipe:
     _require(recipe.dist_timeout_s > 0, "dist_timeout_s", "> 0 (seconds)", recipe.dist_timeout_s)
     _require(recipe.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 turns clipping off)",
              recipe.grad_clip_norm)
+    training_keys.check(recipe)
     return recipe
 
 

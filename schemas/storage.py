@@ -166,6 +166,16 @@ class Store:
         entries = self._call(self.fs.ls, path, detail=False)
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def file_sizes(self, *parts: str) -> dict[str, int]:
+        """{basename: bytes} of the files directly under a folder, from one listing (on S3 one
+        request per 1,000 files, where a size per file would be a request each)."""
+        path = self.path(*parts)
+        if not self._call(self.fs.exists, path):
+            return {}
+        entries = self._call(self.fs.ls, path, detail=True)
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                for e in entries if e.get("type") == "file"}
+
     def walk_files(self, *parts: str) -> Iterator[str]:
         """Every file under a folder, as paths relative to the store root."""
         base = self.path(*parts)

@@ -79,7 +79,8 @@ class FaultProxy:
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                if self.command != "HEAD":  # a body after a HEAD answer would corrupt the connection
+                    self.wfile.write(body)
 
             def _forward(self) -> None:
                 body = self._body()
@@ -104,7 +105,10 @@ class FaultProxy:
                 for key, value in response.getheaders():
                     if key.lower() not in _HOP_HEADERS and key.lower() != "content-length":
                         self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                # A HEAD answer has no body, but its Content-Length is the object's size: keep the
+                # upstream's (a client reads the size of an object from it).
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

@@ -21,6 +21,7 @@ LAYERS = {"schemas": set(), "curation": {"schemas"}, "training": {"curation", "s
 # compose the parts and may import all of them; no part imports a composer.
 PARTS = {
     "failpoints": set(),
+    "compute": set(),
     "data": set(),
     "lm": set(),
     "select": set(),

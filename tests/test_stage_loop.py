@@ -1,5 +1,6 @@
 """The stage loop end to end on the local S3 server: files, streams, learning, resume, 2 ranks."""
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,9 +118,10 @@ DDP_OPTIONS = ("stages.options={n_probes: 24, probe_batch: 12, encoder_layers: 1
                "epochs: 1, max_target: 8, batch_size: 16}")
 
 
-def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
+def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server, tmp_path):
     """`composer -n 2` runs the loop with gloo and `method: mates`: rank 0 probes and fits, each
-    rank scores its half of the candidates into its own part, rank 0 selects and writes the index."""
+    rank scores its half of the candidates into its own part, rank 0 selects and writes the index;
+    `tokens_seen` is the sum of the tokens each rank trained on (its file logger's count)."""
     import boto3
 
     from curation.influence.finetuned import InfluenceModel
@@ -131,12 +133,16 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server):
     composer = os.path.join(os.path.dirname(sys.executable), "composer")
     result = subprocess.run([composer, "-n", "2", "--master_port", str(free_port()), "-m", "jobs.cli", "run",
                              MICRO_RECIPE, "--set", f"data={s3_pool}", "--set", f"run={run}",
-                             "--set", "stages.method=mates", "--set", DDP_OPTIONS, "--set", "stages.batches=[8, 4]"],
+                             "--set", "stages.method=mates", "--set", DDP_OPTIONS, "--set", "stages.batches=[8, 4]",
+                             "--set", f"loggers={{file: {{filename: '{tmp_path}/{{run_name}}-rank{{rank}}.txt'}}}}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=os.environ.copy())
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     metrics = read_parquet(run, "metrics.parquet").to_pylist()
     assert [m["stage"] for m in metrics if m["eval_set"] == "wiki_en"] == [-1, 0, 1]
     assert metrics[-1]["batches_seen"] == 12
+    per_rank = [[int(re.findall(r"train/tokens_seen: (\d+)", (tmp_path / f"run-stage-{k}-rank{r}.txt").read_text())[-1])
+                 for r in (0, 1)] for k in (0, 1)]
+    assert metrics[-1]["tokens_seen"] == sum(map(sum, per_rank)), per_rank  # not rank 0's count x 2
     # 2 ranks x 4 samples per batch = the recipe's global batch of 8: same tokens budget as 1 rank
     wiki = [m["loss"] for m in metrics if m["eval_set"] == "wiki_en"]
     assert wiki[-1] < wiki[0]

@@ -1,7 +1,9 @@
 """Composer callbacks of the stage loop: token counting, throughput and a console line.
 
 Behaviour is added by events, not by forking Composer's loop. Metric keys are namespaced:
-`throughput/tokens_per_s`, `train/tokens_seen`, `train/loss`.
+`throughput/tokens_per_s`, `train/tokens_seen` (this rank's), `train/loss`, `train/lr` (the lr the
+batch trained at: Composer's `lr_monitor` logs the lr after the end-of-batch scheduler step,
+i.e. the next batch's).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ class StageMonitor(Callback):
         self.seconds = 0.0
         self._fit_start = 0.0
         self._loss_sum = 0.0
+        self._lr = float("nan")
 
     def state_dict(self) -> dict:
         return {"tokens": self.tokens, "batches": self.batches, "seconds": self.seconds}
@@ -37,13 +40,15 @@ class StageMonitor(Callback):
     def run_event(self, event: Event, state: State, logger: Logger) -> None:
         if event == Event.FIT_START:
             self._fit_start = time.perf_counter() - self.seconds
+        elif event == Event.BATCH_START:
+            self._lr = float(state.optimizers[0].param_groups[0]["lr"])
         elif event == Event.BATCH_END:
             self.seconds = time.perf_counter() - self._fit_start
             self.tokens += int(state.batch["attention_mask"].sum())
             self.batches += 1
             loss = float(state.loss.detach()) if hasattr(state.loss, "detach") else float("nan")
             self._loss_sum += loss
-            logger.log_metrics({"train/loss": loss, "train/tokens_seen": self.tokens,
+            logger.log_metrics({"train/loss": loss, "train/tokens_seen": self.tokens, "train/lr": self._lr,
                                 "throughput/tokens_per_s": self.tokens_per_s})
             if self.batches == 2:
                 failpoint("train")

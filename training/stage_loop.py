@@ -14,7 +14,9 @@ Why one Trainer per stage rather than one Trainer whose `fit(train_dataloader=..
 is called K times: a run that resumes after a kill must continue exactly as an uninterrupted one.
 Restoring every stage from the committed state makes both the same code path, so the resume test
 checks the path every run takes. Composer's schedulers are functions of `state.timestamp`; the
-restored timestamp and an explicit `t_max` (the whole run) keep the LR schedule continuous.
+restored timestamp, the LambdaLR stepped there (trainer_parts.restore_timestamp: Composer built it
+at t = 0) and an explicit `t_max` (the whole run) keep the LR schedule continuous. After its state
+is committed, a stage's Trainer is released (trainer_parts.release) before the next curation.
 
 Resume. A stage whose state file exists is done and skipped; a stage with `_SUCCESS` is never
 recomputed; a stage without it is redone from scratch. The state file loads with
@@ -40,13 +42,13 @@ from curation.store.stage_index import read_stage_streams, stage_committed, stag
 from curation.methods.base import StageContext
 from curation.oracle.probes import probe_state_from_optimizer
 from curation.stage_job import candidate_pools, n_selected, run_stage_job
-from schemas import tables
+from schemas import tables, training_keys
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
 from schemas.method_options import RandomOptions
 from schemas.recipe import Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import export_endpoint_for_streaming, join, read_parquet, store_for, write_parquet
-from training import dist_utils
+from training import dist_utils, trainer_parts
 from training.callbacks import StageMonitor
 from training.data import mds_loader, streaming_dataset
 from training.evaluation import evaluate, load_eval_sets
@@ -177,7 +179,6 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
     """Train stage `stage` from the state at the end of stage-1; return timing and the state."""
     from composer import Trainer
     from composer.algorithms import GradientClipping
-    from composer.core import Timestamp
 
     r, rank = ctx.recipe, dist_utils.rank()
     lm = build_causal_lm(r.model, ctx.vocab_size, ctx.eos_id, seed=r.seed).to(ctx.device)
@@ -187,7 +188,7 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
         prev = load_probe_state(r.checkpoint_url, state_name(stage - 1))
         restore_state(lm, optimizer, prev)
         start = prev["timestamp"]
-    per_rank = r.train_loader.batch_size // dist_utils.world_size()
+    per_rank = r.train_loader.batch_size // dist_utils.world_size()  # check_world: it divides
     if in_memory is not None:  # throughput comparison: the same samples as tensors
         from training.data import InMemorySamples
         dataset = InMemorySamples(in_memory)
@@ -196,25 +197,35 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
         dataset = streaming_dataset(read_stage_streams(r.run, stage, decommit_damaged=rank == 0), batch_size=per_rank,
                                     shuffle=r.train_loader.shuffle, seed=r.seed + stage,
                                     cache_tag=hashlib.sha1(marker).hexdigest())
-    loader = mds_loader(dataset, batch_size=per_rank, pad_id=ctx.eos_id, num_workers=r.train_loader.num_workers)
+    loader = mds_loader(dataset, batch_size=per_rank, pad_id=ctx.eos_id, num_workers=trainer_parts.num_workers(r))
     monitor = StageMonitor(stage=stage, log=ctx.log, rank=rank, interval=max(1, r.stage_batches[stage] // 5))
     end_batch = start["batch"] + r.stage_batches[stage]
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=r.grad_clip_norm)] \
         if r.grad_clip_norm > 0 else []
+    options = trainer_parts.trainer_options(r, ctx.device, stage)
     trainer = Trainer(model=composer_model(lm), train_dataloader=loader, max_duration=f"{end_batch}ba",
                       optimizers=optimizer, schedulers=build_scheduler(r), algorithms=algorithms,
                       device=dist_utils.composer_device(ctx.device), precision=dist_utils.precision(r, ctx.device),
-                      seed=r.seed + 1000 * stage, callbacks=[monitor], loggers=[], progress_bar=False,
-                      log_to_console=False, spin_dataloaders=False, step_schedulers_every_batch=True)
-    trainer.state.timestamp = Timestamp(batch=start["batch"], sample=start["sample"], token=start["token"])
+                      seed=r.seed + 1000 * stage, callbacks=[monitor, *options.pop("callbacks")], progress_bar=False,
+                      log_to_console=False, spin_dataloaders=False, step_schedulers_every_batch=True, **options)
+    trainer_parts.restore_timestamp(trainer, start)  # after the constructor built the LambdaLR
+    if stage > 0 and r.parallelism:  # FSDP: Composer cleared the moments restored above
+        trainer_parts.restore_moments(trainer, optimizer, prev)
     t0 = time.perf_counter()
     trainer.fit()
-    seconds = time.perf_counter() - t0
+    seconds = trainer_parts.max_over_ranks(time.perf_counter() - t0)
+    tokens = int(trainer_parts.sum_over_ranks(monitor.tokens))  # each rank counted its own batches
     ts = trainer.state.timestamp
-    timestamp = {"batch": int(ts.batch), "sample": int(ts.sample),
-                 "token": int(start["token"]) + monitor.tokens * dist_utils.world_size()}
-    return {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp,
-            "seconds": seconds, "tokens_per_s": monitor.tokens_per_s * dist_utils.world_size()}
+    timestamp = {"batch": int(ts.batch), "sample": int(ts.sample), "token": int(start["token"]) + tokens}
+    out = {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp, "eval_lm": lm,
+           "seconds": seconds, "tokens_per_s": tokens / max(trainer_parts.max_over_ranks(monitor.seconds), 1e-9)}
+    if r.parallelism:  # sharded: gather the whole state on every rank; rank 0 evaluates an unsharded copy
+        out["full"] = trainer_parts.full_state(trainer, optimizer)
+        if rank == 0:
+            out["eval_lm"] = build_causal_lm(r.model, ctx.vocab_size, ctx.eos_id, seed=r.seed)
+            out["eval_lm"].load_state_dict(out["full"][0])
+            out["eval_lm"].to(ctx.device)
+    return out
 
 
 def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
@@ -224,10 +235,15 @@ def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
         trained["trainer"].save_checkpoint(path)
         if dist_utils.rank() == 0:
             ctx.ckpt_store.put_file(path, f"stage-{stage}.pt")
-            state = probe_state_from_optimizer(trained["lm"], trained["optimizer"], stage=stage,
-                                               grad_clip_norm=ctx.recipe.grad_clip_norm)
+            if "full" in trained:  # FSDP: the gathered whole state, not this rank's shard
+                state = trainer_parts.probe_state_from_full(trained["lm"], *trained["full"], stage=stage,
+                                                            grad_clip_norm=ctx.recipe.grad_clip_norm)
+            else:
+                state = probe_state_from_optimizer(trained["lm"], trained["optimizer"], stage=stage,
+                                                   grad_clip_norm=ctx.recipe.grad_clip_norm)
             state["timestamp"] = trained["timestamp"]  # where the next stage's schedule resumes
             save_probe_state(state, ctx.recipe.checkpoint_url, state_name(stage))
+    trainer_parts.release(trained["trainer"])
 
 
 def curate_if_needed(ctx: RunContext, stage: int) -> float:
@@ -251,6 +267,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
     if not 0 <= last < recipe.stages.count:
         raise MatesError(f"`--until-stage` must be in [0, {recipe.stages.count - 1}]; got {until_stage}.")
     dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
+    training_keys.check_world(recipe, dist_utils.world_size(), dist_utils.device_name(recipe.device))
     ctx = RunContext(recipe, log)
     rank = dist_utils.rank()
     if rank == 0:
@@ -264,14 +281,15 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
         if rank != 0:  # rank 0 commits the boundary; polled, not a barrier (no collective clock)
             ctx.run_store.wait_for("stages", str(stage), "_SUCCESS")
         if stage == 0 and rank == 0:
-            lm = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
-            _append_metrics(recipe.run, -1, evaluate(lm, ctx.eval_sets),
+            initial = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
+            _append_metrics(recipe.run, -1, evaluate(initial, ctx.eval_sets),
                             {"batches_seen": 0, "tokens_seen": 0, "train_tokens_per_s": 0.0,
                              "curation_seconds": 0.0, "train_seconds": 0.0})
+            del initial
         log(f"stage {stage}: training {recipe.stage_batches[stage]} batches")
         trained = train_stage(ctx, stage)
         if rank == 0:
-            evals = evaluate(trained["lm"], ctx.eval_sets)
+            evals = evaluate(trained["eval_lm"], ctx.eval_sets)
             _append_metrics(recipe.run, stage, evals,
                             {"batches_seen": trained["timestamp"]["batch"],
                              "tokens_seen": trained["timestamp"]["token"],
@@ -280,6 +298,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
             losses = ", ".join(f"{e['eval_set']} ({e['loss_kind']}) {e['loss']:.4f}" for e in evals)
             log(f"stage {stage}: eval loss {losses}; {trained['tokens_per_s']:,.0f} tokens/s")
         _commit_stage_state(ctx, stage, trained)
+        del trained  # the last holder of this stage's model and optimizer: freed before curation
         if rank != 0:  # rank 0 uploads the checkpoint and the state file (any size, any time)
             ctx.ckpt_store.wait_for(state_name(stage))
     if rank == 0:

@@ -3,8 +3,9 @@
 Slicing. Each document is tokenized and ends with `<|endoftext|>`; its ids are cut into
 consecutive slices of `seq_len` tokens. A slice shorter than `min_tokens` (a short document, or
 the tail of a long one) is dropped and counted; other slices are stored at their true length
-(the MDS `tokens` column is a variable-length uint16 array; the loader pads a batch and masks
-the padding out of the loss). One sample = one slice of one document, so every sample keeps its
+(the MDS `tokens` column is a variable-length uint16 array, uint32 when the tokenizer has more than
+65,536 entries, recorded as `token_dtype` in the pool's `_SUCCESS`; the loader pads a batch and
+masks the padding out of the loss). One sample = one slice of one document, so every sample keeps its
 document's `source` and can be audited.
 
 Sample ids are consecutive integers in input order (files sorted by name, records in order), so
@@ -43,7 +44,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
 
 from curation.data import tokenizer as tokmod
-from curation.data.pool_parts import POOL_COLUMNS, FileCounts, catalog_part, part_name, tokenize_file, write_part  # noqa: F401
+from curation.data.pool_parts import (POOL_COLUMNS, FileCounts, catalog_part, part_name, token_dtype,  # noqa: F401
+                                      tokenize_file, write_part)
 from curation.data.ranks import Ranks
 from curation.data.readers import doc_name, input_files, read_file
 from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, refuse_pool_overlap,
@@ -197,8 +199,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
     tok_json = ranks.collect(lambda: _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked, names)
                              .to_str() if ranks.rank == 0 else None)[0]
     tok = tokmod.Tokenizer.from_str(tok_json)
-    if tok.get_vocab_size() > 65536:
-        raise MatesError(f"`tokenizer.path` has {tok.get_vocab_size()} tokens; the uint16 pool holds at most 65536.")
+    dtype = token_dtype(tok.get_vocab_size())  # uint32 above 65,536 entries (Llama 3, Qwen style)
 
     summary = IngestSummary()
     with tempfile.TemporaryDirectory(prefix="mates-ingest-") as tmp:
@@ -208,7 +209,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
             with _scratch(tmp):
                 write_fault(os.path.join(tmp, "scratch"))
                 return tokenize_file(files[i], i, tok, cfg, tmp, default_source=default_source, checked=checked,
-                                     progress=progress, doc_name=names[i])
+                                     progress=progress, doc_name=names[i], dtype=dtype)
 
         counts = [c for part in ranks.collect(lambda: [tokenize(i) for i in mine]) for c in part]
         counts.sort(key=lambda c: c.file_index)
@@ -221,7 +222,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         first_ids = dict(zip([c.file_index for c in counts],
                              np.cumsum([0] + [c.samples for c in counts]).tolist()))
         with _scratch(tmp):
-            indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp) for i in mine})
+            indexes = {k: v for part in ranks.collect(lambda: {i: write_part(i, first_ids[i], cfg, tmp, dtype) for i in mine})
                        for k, v in part.items()}
         parts = [(i, first_ids[i], indexes[i]) for i in sorted(indexes)]
         summary.shards = sum(len(index["shards"]) for _, _, index in parts)
@@ -246,7 +247,7 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
             store.remove("_ingest")
             summary.seconds = time.perf_counter() - started
             marker = {"format": "mates-pool", "version": 2, "seq_len": cfg.seq_len,
-                      "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(),
+                      "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(), "token_dtype": dtype,
                       "sets": {TARGETS: {t.name: set_entry(t) for t in target_sets},
                                EVAL: {e.name: set_entry(e) for e in eval_sets}},
                       "summary": summary.to_dict()}
@@ -303,4 +304,6 @@ def read_pool_marker(data_url: str) -> dict:
     store = store_for(data_url)
     if not store.exists("_SUCCESS"):
         raise MatesError(f"`data` {data_url!r} holds no ingested pool (no _SUCCESS); run `mates ingest`.")
-    return json.loads(store.read_bytes("_SUCCESS"))
+    marker = json.loads(store.read_bytes("_SUCCESS"))
+    marker.setdefault("token_dtype", "uint16")  # pools ingested before the key existed
+    return marker

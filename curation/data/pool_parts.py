@@ -3,7 +3,7 @@
 Why two phases. A sample's id is stored inside its MDS shard, and ids are consecutive in
 (file order, record order) whatever the number of ranks; a file's first id is only known once
 every earlier file has been counted, possibly by another rank. So phase 1 tokenizes a file into
-local scratch (uint16 tokens appended to a flat file, slice lengths, catalog columns in a Parquet
+local scratch (uint16 or uint32 tokens appended to a flat file, slice lengths, catalog columns in a Parquet
 file: bounded memory), the ranks exchange their per-file counts, and phase 2 writes the file's
 MDS folder `part-<file>/` with its final ids. Each part's bytes depend only on the file and its
 first id, so 1 rank and N ranks write the same bytes.
@@ -27,7 +27,19 @@ import pyarrow.parquet as pq
 from curation.data.readers import read_file
 from schemas.errors import MatesError
 
-POOL_COLUMNS = {"tokens": "ndarray:uint16", "sample_id": "int64"}
+UINT16_VOCAB = 65_536  # up to this many tokenizer entries tokens are uint16; above, uint32
+
+
+def token_dtype(vocab_size: int) -> str:
+    """The pool's token dtype for a vocabulary of `vocab_size` entries (recorded in its stamp)."""
+    return "uint16" if vocab_size <= UINT16_VOCAB else "uint32"
+
+
+def pool_columns(dtype: str = "uint16") -> dict[str, str]:
+    return {"tokens": f"ndarray:{dtype}", "sample_id": "int64"}
+
+
+POOL_COLUMNS = pool_columns("uint16")  # pools ingested before `token_dtype` was stamped
 PREVIEW_CHARS = 160
 READ_SAMPLES = 1 << 16  # samples per block when phase 2 reads the scratch tokens back
 SCRATCH_SCHEMA = pa.schema([("doc_id", pa.string()), ("chunk", pa.int32()), ("n_tokens", pa.int32()),
@@ -66,7 +78,7 @@ def slice_bounds(n_ids: int, seq_len: int, min_tokens: int) -> tuple[list[int], 
 
 
 def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, default_source: str,
-                  checked, progress=None, doc_name: str | None = None) -> FileCounts:
+                  checked, progress=None, doc_name: str | None = None, dtype: str = "uint16") -> FileCounts:
     """Phase 1: the documents of one file -> scratch tokens, slice lengths and catalog columns.
     `doc_name`: the file's path under `--input` (readers.doc_name), the stem of default doc ids."""
     eos = tok.token_to_id("<|endoftext|>")
@@ -115,7 +127,7 @@ def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, def
                     columns["preview"].append(span[:PREVIEW_CHARS])
                 counts.per_source[doc["source"]] = counts.per_source.get(doc["source"], 0) + len(starts)
             if kept:
-                flat = np.array(kept, dtype=np.uint16)
+                flat = np.array(kept, dtype=dtype)
                 tokens_out.write(flat.tobytes())
                 counts.tokens += int(flat.size)
             if columns["doc_id"]:
@@ -127,7 +139,7 @@ def tokenize_file(file_url: str, file_index: int, tok, cfg, scratch: str, *, def
     return counts
 
 
-def write_part(file_index: int, first_id: int, cfg, scratch: str) -> dict:
+def write_part(file_index: int, first_id: int, cfg, scratch: str, dtype: str = "uint16") -> dict:
     """Phase 2: one file's MDS folder with ids from `first_id`; returns its index.json dict."""
     import json
 
@@ -135,14 +147,14 @@ def write_part(file_index: int, first_id: int, cfg, scratch: str) -> dict:
 
     paths = _part_paths(scratch, file_index)
     lengths = np.load(paths["lengths"])
-    if int(lengths.sum()) * 2 != os.path.getsize(paths["tokens"]):
+    if int(lengths.sum()) * np.dtype(dtype).itemsize != os.path.getsize(paths["tokens"]):
         raise MatesError(f"ingest scratch for file {file_index} is inconsistent (disk full?).")
-    with MDSWriter(out=paths["mds"], columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+    with MDSWriter(out=paths["mds"], columns=pool_columns(dtype), compression=None, hashes=["sha1"],
                    size_limit=cfg.shard_size_limit, progress_bar=False) as writer, \
             open(paths["tokens"], "rb") as tokens_in:
         for block in range(0, lengths.size, READ_SAMPLES):  # bounded memory: a block at a time
             block_lengths = lengths[block:block + READ_SAMPLES]
-            tokens = np.fromfile(tokens_in, dtype=np.uint16, count=int(block_lengths.sum()))
+            tokens = np.fromfile(tokens_in, dtype=dtype, count=int(block_lengths.sum()))
             start = 0
             for j, end in enumerate(np.cumsum(block_lengths).tolist(), start=first_id + block):
                 writer.write({"tokens": tokens[start:end], "sample_id": j})

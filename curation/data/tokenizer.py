@@ -32,7 +32,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 
 def load_tokenizer_file(path: str) -> Tokenizer:
-    """A `tokenizer.json` from a local path or URL; it must know `<|endoftext|>`."""
+    """Any Hugging Face `tokenizer.json` (a file or a folder holding one, local or URL). One without
+    `<|endoftext|>` (Llama 3 ends text with `<|end_of_text|>`) gets it added as a special token:
+    the pool ends every document with it and pads with it."""
     if path.rstrip("/").endswith(".json"):
         parent, name = split_url(path.rstrip("/"))
     else:  # a folder holding tokenizer.json
@@ -44,7 +46,7 @@ def load_tokenizer_file(path: str) -> Tokenizer:
     except Exception as exc:
         raise MatesError(f"`tokenizer.path` {path!r} is not a tokenizers JSON file: {exc}") from exc
     if tok.token_to_id(EOS) is None:
-        raise MatesError(f"`tokenizer.path` {path!r} has no {EOS} token; add it as a special token.")
+        tok.add_special_tokens([EOS])
     return tok
 
 

@@ -43,6 +43,12 @@ class MDSFolder:
     def __len__(self) -> int:
         return self.starts[-1]
 
+    def columns(self) -> dict[str, str]:
+        """MDS column name -> encoding, as the pool was written (tokens: ndarray:uint16 or uint32)."""
+        shard = self.index["shards"][0] if self.index["shards"] else {}
+        return dict(zip(shard.get("column_names", ["tokens", "sample_id"]),
+                        shard.get("column_encodings", ["ndarray:uint16", "int64"])))
+
     def _reader(self, shard_ix: int):
         if shard_ix not in self._readers:
             from streaming.base.format import reader_from_json

@@ -18,7 +18,6 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from curation.data.ingest import POOL_COLUMNS
 from curation.failpoints import failpoint
 from curation.store.pool import MDSFolder
 from schemas import streams, tables
@@ -69,7 +68,7 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
             out_dir = os.path.join(tmp, bucket)
             try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
                 write_fault(os.path.join(tmp, "scratch"))
-                with MDSWriter(out=out_dir, columns=POOL_COLUMNS, compression=None, hashes=["sha1"],
+                with MDSWriter(out=out_dir, columns=pool.columns(), compression=None, hashes=["sha1"],
                                progress_bar=False) as writer:
                     for sample in pool.iter_items(members):
                         writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
@@ -133,11 +132,15 @@ def _index_damage(store, bucket: str) -> str | None:
         shards = [(s["raw_data"]["basename"], int(s["raw_data"]["bytes"])) for s in index["shards"]]
     except (MatesError, ValueError, KeyError, TypeError) as exc:
         return f"index.json` is unreadable ({type(exc).__name__})"
+    present = store.file_sizes("index", bucket)
     for name, size in shards:
         streams.check_relative_name(name, f"{bucket}/index.json shard")
-        if not store.exists("index", bucket, name):
+        if "/" in name:  # a shard in a sub-folder: not in the bucket's listing, ask for it alone
+            seen = store.size("index", bucket, name) if store.exists("index", bucket, name) else None
+        else:
+            seen = present.get(name)
+        if seen is None:
             return f"{name}` is missing"
-        seen = store.size("index", bucket, name)
         if seen != size:
             return f"{name}` has {seen:,} bytes, its index.json says {size:,} (truncated or replaced)"
     return None
