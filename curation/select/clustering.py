@@ -208,7 +208,7 @@ def _pruned_pass(x, device, centroids, drift, st: dict, chunk: int) -> tuple[int
 
 def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20,
                      device: str | torch.device = "cpu", tol: float = 0.0, warm_rows: int | None = None,
-                     stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     warm_iter: int | None = None, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of `emb` [N, D] by cosine similarity: (labels [N] int32, centroids [k, D]).
 
     `tol` stops early once at most that fraction of the N assignments changed in a pass (0: stop
@@ -235,7 +235,7 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
     if 0 < warm <= n // 4:          # refine the start on a subsample (same seed, same algorithm)
         gen = torch.Generator().manual_seed(int(seed) + 1)
         sub = torch.randperm(n, generator=gen)[:warm].sort().values
-        _, centroids = spherical_kmeans(x[sub.to(x.device)], k, seed=seed, max_iter=max_iter, device=device,
+        _, centroids = spherical_kmeans(x[sub.to(x.device)], k, seed=seed, max_iter=warm_iter or max_iter, device=device,
                                         tol=tol, warm_rows=0, stats=warm_stats)
     else:
         warm = 0
@@ -281,6 +281,8 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
 
 # ---------------------------------------------------------------- many clusters: a tree
 BRANCH = 32   # most centroids one k-means of the tree compares a row with
+UPPER_PASSES = 2        # passes over all rows of an upper level of the tree
+UPPER_SAMPLE = 32768    # rows an upper level's centroids are fitted on (at least 64 per cluster)
 
 
 def n_clusters_for(n: int, cluster_size: int, n_clusters: int | None = None) -> int:
@@ -339,7 +341,11 @@ def _tree(x, k, levels, seed, device, max_iter, tol, stats) -> torch.Tensor:
     if levels == 1 or k <= BRANCH:
         return spherical_kmeans(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol)[0].long()
     b = min(k, math.ceil(k ** (1 / levels) - 1e-9))
-    top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=max_iter, tol=tol)[0].long()
+    # an upper level only deals rows to groups: its centroids come from a subsample (run to
+    # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
+    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's
+    top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
+                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)))[0].long()
     order = torch.argsort(top.cpu(), stable=True)                  # rows grouped by top cluster
     sizes = torch.bincount(top.cpu(), minlength=b).tolist()
     present = [g for g in range(b) if sizes[g]]
