@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from curation.failpoints import delay
 from curation.oracle.stage_audit import audit_line, audit_table
+from curation.store.catalog import read_catalog
 from curation.store.stage_index import stage_committed, stage_url, write_stage_index
 from curation.methods import get_method
 from curation.methods.base import StageContext
@@ -58,19 +60,29 @@ def _check_predictions(pred: np.ndarray, n: int, method_name: str) -> np.ndarray
     return pred
 
 
-def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int, barrier) -> np.ndarray | None:
-    """Rank 0 prepares; every rank scores its slice into scores/part-<rank>; rank 0 gets them all."""
+PREPARED = "_PREPARED"   # rank 0's `prepare` is done (the ranks waiting to score poll for it)
+
+
+def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int) -> np.ndarray | None:
+    """Rank 0 prepares; every rank scores its slice into scores/part-<rank>; rank 0 gets them all.
+
+    No collective spans a phase: the ranks wait on files in the stage folder (`Store.wait_for`),
+    so rank 0's probing and fitting may take longer than the process group's timeout."""
     from curation.influence.scoring import shard_for_rank
 
     url = stage_url(ctx.run_url, ctx.stage)
+    store = store_for(url)
     if rank == 0:
         method.prepare(ctx)
-    barrier()
+        store.write_bytes(b"{}", PREPARED)
+    else:
+        store.wait_for(PREPARED)
     mine = shard_for_rank(ctx.candidates, rank, world_size)
     write_parquet(_scores_table(mine, method.score_slice(ctx, mine)), url, "scores", _part_name(rank))
-    barrier()
     if rank != 0:
         return None
+    for r in range(1, world_size):
+        store.wait_for("scores", _part_name(r))   # one object, written whole (schemas/storage.py)
     parts = [read_parquet(url, "scores", _part_name(r)) for r in range(world_size)]
     ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])
     if not np.array_equal(ids, ctx.candidates):
@@ -91,8 +103,10 @@ def write_audit(ctx: StageContext, method, pred: np.ndarray, selection: pa.Table
     ids, keep = np.asarray(selection.column("sample_id")), np.asarray(selection.column("selected"))
     selected = np.zeros(len(ctx.candidates), dtype=bool)
     selected[np.searchsorted(ctx.candidates, ids[keep])] = True   # candidates are sorted
-    groups = read_parquet(ctx.data_url, "catalog", "samples.parquet").select(["sample_id", ctx.audit_by])
     probe_ids, influence = getattr(method, "probed", (None, None))
+    # two columns of the candidates' rows only (curation/store/catalog.py), not the whole catalog
+    wanted = ctx.candidates if probe_ids is None else np.union1d(ctx.candidates, probe_ids)
+    groups = read_catalog(ctx.data_url, [ctx.audit_by], ids=wanted)
     table = audit_table(groups, stage=ctx.stage, group_by=ctx.audit_by, candidates=ctx.candidates, scores=pred,
                         selected=selected, probe_ids=probe_ids, probe_influence=influence)
     write_parquet(table, stage_url(ctx.run_url, ctx.stage), "audit.parquet")
@@ -111,6 +125,8 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     candidates data-parallel (each rank its `shard_for_rank` slice, written as
     scores/part-<rank>.parquet); everything else (fitting, selection, the index and
     `_SUCCESS`) happens on rank 0, which finally rewrites each part with the global rank and cluster.
+    The other ranks return early and wait for `_SUCCESS` in the store (training/stage_loop.py),
+    not at a barrier: a boundary may take longer than any collective's timeout.
     """
     if stage_committed(ctx.run_url, ctx.stage):
         return {"skipped": True}
@@ -122,7 +138,8 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     if world_size > 1 and getattr(method, "parallel_oracle", False):
         parallel_oracle(ctx, method, rank, world_size, barrier)
     if world_size > 1 and method.parallel_scoring:
-        pred = _parallel_predictions(ctx, method, rank, world_size, barrier)
+        barrier()  # short: no rank may see a marker of the attempt rank 0 just removed
+        pred = _parallel_predictions(ctx, method, rank, world_size)
         if rank != 0:
             return {"skipped": False}
     elif rank != 0:
@@ -130,6 +147,7 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     else:
         pred = method.predict(ctx)
     pred = _check_predictions(pred, len(ctx.candidates), method_name)
+    delay("curate")  # tests: a boundary longer than the process group's timeout
     t0 = time.perf_counter()
     selection = method.select(ctx, pred)
     if "select" not in ctx.timings:  # a method that clusters times its own phases

@@ -192,12 +192,14 @@ def bench_score(recipe, *, out=None, log=print, n_samples: int = 512) -> dict:
                    batch_size=opts.batch_size * 4, device=device)
 
 
-def bench_select(recipe, *, out=None, log=print, n_rows: int = 1_000_000) -> dict:
-    """Clustering + DuckDB quotas + greedy group selection on synthetic scored rows."""
-    from jobs.bench_select import bench_select as run
+def bench_select(recipe, *, out=None, log=print, sizes=None) -> dict:
+    """Clustering + DuckDB quotas + greedy group selection on synthetic fp16 rows (384-d), each
+    size in its own process; figures to training/results/bench/select_scale.json (or `out`)."""
+    from jobs.bench_select_scale import RESULT, SIZES, bench_select_scale
 
-    log(f"bench select: {n_rows:,} synthetic rows with 384-d embeddings")
-    return run(n_rows=n_rows)
+    sizes = sizes or SIZES
+    log(f"bench select: {', '.join(f'{n:,}' for n in sizes)} synthetic fp16 rows with 384-d embeddings")
+    return bench_select_scale(sizes, out=os.path.join(out, "select_scale.json") if out else RESULT, log=log)
 
 
 def dump(result: dict) -> str:

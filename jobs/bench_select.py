@@ -41,20 +41,23 @@ def _rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def synthetic_pool(n_rows: int, dim: int, n_topics: int, seed: int, dup_fraction: float = 0.01):
-    """(emb [N, D] float32 unit rows, scores [N] float32, catalog pa.Table)."""
+def synthetic_pool(n_rows: int, dim: int, n_topics: int, seed: int, dup_fraction: float = 0.01,
+                   dtype: torch.dtype = torch.float32):
+    """(emb [N, D] unit rows of `dtype`, scores [N] float32, catalog pa.Table); fp16 rows are made
+    chunk by chunk, never as one fp32 matrix."""
     gen = torch.Generator().manual_seed(seed)
     centres = torch.nn.functional.normalize(torch.randn(n_topics, dim, generator=gen), dim=1)  # [T, D]
     sizes = torch.exp(0.5 * torch.randn(n_topics, generator=gen))                                # [T] log-normal
     w = torch.randn(n_topics, generator=gen) @ centres                                             # [D]
-    emb = torch.empty(n_rows, dim)
+    emb = torch.empty(n_rows, dim, dtype=dtype)
     topic = torch.empty(n_rows, dtype=torch.long)
+    scores = np.empty(n_rows, dtype=np.float32)
     for i in range(0, n_rows, 1 << 16):
         j = min(n_rows, i + (1 << 16))
         topic[i:j] = torch.multinomial(sizes, j - i, replacement=True, generator=gen)
         noise = torch.randn(j - i, dim, generator=gen) / dim ** 0.5                            # [c, D] norm ~1
         emb[i:j] = torch.nn.functional.normalize(centres[topic[i:j]] + noise, dim=1)
-    scores = (emb @ w).numpy().astype(np.float32)                                                  # [N] s = w·h
+        scores[i:j] = (emb[i:j].float() @ w).numpy()                                               # [c] s = w·h
 
     rng = np.random.default_rng(seed)
     topic_np = topic.numpy()
@@ -96,10 +99,10 @@ def _selection_figures(scores: np.ndarray, emb: torch.Tensor, mask: np.ndarray) 
 def bench_select(n_rows: int = 1_000_000, dim: int = 384, k: int | None = None, budget_ratio: float = 0.2,
                  seed: int = 0, global_rows: int = 20_000, *, max_iter: int = 20, tol: float = 0.0,
                  mode: str = "influence", temperature: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
-                 threads: int = 1, log=print) -> dict:
+                 threads: int = 1, dtype: str = "float32", log=print) -> dict:
     """Figures of the Group-MATES selection pipeline on `n_rows` synthetic rows (module docstring).
 
-    `k` defaults to n_rows / 2000. `threads` sets torch's intra-op threads for the run (0: torch's
+    `k` defaults to the recipe's: n_rows / `cluster_size` (2000). `threads` sets torch's intra-op threads for the run (0: torch's
     default). One is the default: on a 2-core machine shared with other jobs, OpenMP's barriers over
     the many small tensor ops of the pruned k-means passes made the run 2.5x slower with 2 threads.
     """
@@ -107,23 +110,25 @@ def bench_select(n_rows: int = 1_000_000, dim: int = 384, k: int | None = None, 
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _bench_select(n_rows, dim, k or max(1, n_rows // ROWS_PER_CLUSTER), budget_ratio, seed,
+        from curation.select.clustering import n_clusters_for
+
+        return _bench_select(n_rows, dim, n_clusters_for(n_rows, ROWS_PER_CLUSTER, k), budget_ratio, seed,
                              global_rows, max_iter=max_iter, tol=tol, mode=mode, temperature=temperature,
-                             alpha=alpha, beta=beta, log=log)
+                             alpha=alpha, beta=beta, dtype=getattr(torch, dtype), log=log)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, tol, mode, temperature,
-                  alpha, beta, log) -> dict:
+                  alpha, beta, dtype, log) -> dict:
     from curation.select import metadata
-    from curation.select.clustering import spherical_kmeans
+    from curation.select.clustering import cluster_embeddings
     from curation.select.greedy import select_per_cluster
     from schemas.storage import write_parquet
 
     phase = _Phases()
     with phase("generate_data"):
-        emb, scores, catalog = synthetic_pool(n_rows, dim, max(1, n_rows // ROWS_PER_CLUSTER), seed)
+        emb, scores, catalog = synthetic_pool(n_rows, dim, max(1, n_rows // ROWS_PER_CLUSTER), seed, dtype=dtype)
     ids = catalog.column("sample_id").to_numpy()
     log(f"bench_select: {n_rows} x {dim} rows in {phase.wall['generate_data']}s; k = {k}, "
         f"torch threads = {torch.get_num_threads()}")
@@ -139,10 +144,9 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
         budget = int(budget_ratio * int(keep.sum()))
         log(f"  dedup: kept {int(keep.sum())} of {n_rows} ({phase.wall['dedup']}s)")
         with phase("kmeans"):
-            labels, _ = spherical_kmeans(emb, k, seed=seed, max_iter=max_iter, tol=tol, stats=km)
+            labels = cluster_embeddings(emb, k, seed=seed, max_iter=max_iter, tol=tol, stats=km)
             labels = np.where(keep, labels.numpy(), -1).astype(np.int32)   # duplicates: no cluster
-        log(f"  k-means: {km['iterations']} full passes after {km['warm_iterations']} on {km['warm_rows']} "
-            f"rows, {km['changed_last']} changed in the last ({phase.wall['kmeans']}s)")
+        log(f"  k-means: {km['levels']} level(s), {km['kmeans_runs']} k-means runs ({phase.wall['kmeans']}s)")
         table = pa.table({"sample_id": ids, "prediction": scores, "cluster": labels})
         clustered = table.filter(pc.greater_equal(table["cluster"], 0))
         with phase("quotas"):
@@ -161,7 +165,8 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
     q = np.asarray(quotas.column("quota"))
     timed = [name for name in phase.wall if name != "generate_data"]
     result = {
-        "n_rows": n_rows, "dim": dim, "k": k, "budget": budget, "selected": int(mask.sum()),
+        "n_rows": n_rows, "dim": dim, "dtype": str(emb.dtype).removeprefix("torch."),
+        "embedding_bytes": emb.numel() * emb.element_size(), "k": k, "budget": budget, "selected": int(mask.sum()),
         "kept_after_dedup": int(keep.sum()), "torch_threads": torch.get_num_threads(),
         "pipeline_seconds": round(sum(phase.wall[name] for name in timed), 2),
         "pipeline_cpu_seconds": round(sum(phase.cpu[name] for name in timed), 2),
@@ -175,6 +180,9 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
         "memory_note": "peak_rss_mb = getrusage ru_maxrss high-water mark of the whole process "
                        "(interpreter, torch, DuckDB, data) after each phase; cpu_seconds = process_time",
     }
+    if global_rows <= 0:
+        result["peak_rss_mb"]["end"] = _rss_mb()
+        return result
     log("  comparison on a subset ...")
     result["subset"] = _subset_comparison(emb, scores, ids, global_rows, budget_ratio, seed, mode=mode,
                                           temperature=temperature, alpha=alpha, beta=beta,
@@ -243,11 +251,12 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", choices=["size", "influence"], default="influence")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--dtype", choices=["float32", "float16"], default="float32")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args(argv)
     result = bench_select(args.rows, args.dim, args.k, args.budget_ratio, args.seed, args.global_rows,
                           max_iter=args.max_iter, tol=args.tol, mode=args.mode, temperature=args.temperature,
-                          threads=args.threads)
+                          threads=args.threads, dtype=args.dtype)
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

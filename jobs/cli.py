@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an evaluation set (same format), disjoint from the pool and every target; repeatable")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--vocab-size", type=int)
+    p.add_argument("--shard-size-limit", type=int, metavar="BYTES",
+                   help="bytes per pool shard (`ingest.shard_size_limit`; default 64 MiB)")
     p.add_argument("--tokenizer", help="any Hugging Face tokenizer.json (file or folder) to load instead of training "
                                        "one; over 65,536 entries the pool stores uint32 tokens")
     p.add_argument("--source", default="text", help="source label for records without one")
@@ -118,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")
     p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--batches", type=int, default=None, help="train: batches per measured run (default 100)")
+    p.add_argument("--rows", default=None, metavar="N,N,...",
+                   help="select: pool sizes, each in its own process (default 100000,1000000,5000000)")
     return parser
 
 

@@ -63,7 +63,7 @@ def run_ingest(input_url: str, data_url: str, recipe, *, targets=None, evals=Non
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the ranks exchange small objects only (counts, indexes)
         from training import dist_utils
 
-        dist_utils.init(recipe.device)
+        dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
         ranks = dist_utils.ranks()
     else:  # one process: no Composer import, so bad input is refused in about a second
         ranks = Ranks()
@@ -99,6 +99,8 @@ def cmd_ingest(args) -> int:
         overrides["tokenizer.vocab_size"] = args.vocab_size
     if args.tokenizer:
         overrides["tokenizer.path"] = args.tokenizer
+    if args.shard_size_limit is not None:
+        overrides["ingest.shard_size_limit"] = args.shard_size_limit
     if args.data:
         overrides["data"] = args.data
     if args.recipe:
@@ -297,6 +299,11 @@ def cmd_bench(args) -> int:
         print(json.dumps(bench_bounds(out=args.out, log=log), indent=2))
         return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
+    if args.rows and args.what == "select":
+        sizes = args.rows.split(",")
+        if not all(n.isdigit() and int(n) >= 100 for n in sizes):
+            raise MatesError(f"`--rows` must be pool sizes >= 100 separated by commas; got {args.rows!r}.")
+        extra = {"sizes": [int(n) for n in sizes]}
     result = getattr(bench, f"bench_{args.what.replace('-', '_')}")(load(args.recipe), out=args.out, log=log, **extra)
     print(json.dumps(result, indent=2))
     return 0

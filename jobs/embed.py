@@ -54,7 +54,7 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
     from schemas.storage import join
     from training import dist_utils
 
-    dist_utils.init(recipe.device)
+    dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
     opts = encoder_options(recipe, method)
     ids = ids_to_embed(recipe, int(read_pool_marker(recipe.data)["summary"]["sequences"]),
                        touched=touched, limit=limit)

@@ -53,7 +53,10 @@ class GroupMatesOptions(MatesOptions):
     trajectory_reference: Optional[int] = None
     relational_epochs: int = 200
     relational_lr: float = 1e-2
-    n_clusters: int = 8               # spherical k-means clusters over h(x)
+    # spherical k-means clusters over h(x): candidates / cluster_size (the greedy costs
+    # ~N x cluster_size, linear in N), unless n_clusters is given (it wins)
+    cluster_size: int = 2000
+    n_clusters: Optional[int] = None
     quota_mode: Literal["size", "influence"] = "influence"
     quota_temperature: float = 0.5    # quota_mode=influence: size x softmax(-mean z(pred) / T); tau of MATES
     dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection

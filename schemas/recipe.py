@@ -37,7 +37,9 @@ class IngestConfig:
     seq_len: int = 128                # tokens per sample (documents are cut into slices)
     min_tokens: int = 16              # slices shorter than this are dropped (tails, tiny docs)
     max_docs: Optional[int] = None    # cap on documents read (None = all)
-    shard_size_limit: int = 1 << 22   # bytes per MDS shard before a new one starts
+    # bytes per MDS shard before a new one starts: 64 MiB, streaming's own default (a 4 MiB shard
+    # held ~1,000 samples, so a pool of 10^8 was 10^5 objects and a GET of overhead per 4 MiB)
+    shard_size_limit: int = 1 << 26
     batch_docs: int = 1000            # documents tokenized per batch
     max_doc_chars: int = 10_000_000   # a longer document is refused (a dump, not a document)
 
@@ -108,6 +110,8 @@ class Recipe:
     device: Literal["auto", "cpu", "gpu"] = "auto"
     precision: Literal["auto", "fp32", "amp_bf16", "amp_fp16"] = "auto"
     grad_clip_norm: float = 1.0
+    # seconds any collective may wait (the process group's timeout); no long phase waits on one
+    dist_timeout_s: float = 600.0
     save_folder: Optional[str] = None  # default: <run>/checkpoints
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -280,13 +284,15 @@ def _validate(recipe: Recipe) -> Recipe:
         if hasattr(opts, key):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):
-        for key in ("trajectory_length", "n_clusters", "relational_epochs"):
+        for key in ("trajectory_length", "cluster_size", "relational_epochs"):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
         _require(opts.trajectory_batch is None or opts.trajectory_batch >= 1, f"{where}.trajectory_batch",
                  ">= 1 or null (1 on CUDA, 16 on the CPU)", opts.trajectory_batch)
         _require(opts.trajectory_reference is None or opts.trajectory_reference >= 1,
                  f"{where}.trajectory_reference", ">= 1 or null (every `max_target` example)",
                  opts.trajectory_reference)
+        _require(opts.n_clusters is None or opts.n_clusters >= 1, f"{where}.n_clusters",
+                 f">= 1, or null for candidates / {where}.cluster_size", opts.n_clusters)
         _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
                  ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
         _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",
@@ -298,6 +304,8 @@ def _validate(recipe: Recipe) -> Recipe:
     _require(recipe.ingest.seq_len >= 2, "ingest.seq_len", ">= 2", recipe.ingest.seq_len)
     _require(recipe.ingest.seq_len <= m.max_seq_len, "ingest.seq_len",
              f"<= model.max_seq_len={m.max_seq_len} (the model's context)", recipe.ingest.seq_len)
+    _require(1 << 16 <= recipe.ingest.shard_size_limit <= 1 << 31, "ingest.shard_size_limit",
+             "in [65536, 2147483648] bytes (default 67108864 = 64 MiB)", recipe.ingest.shard_size_limit)
     _require(1 <= recipe.ingest.min_tokens <= recipe.ingest.seq_len, "ingest.min_tokens",
              f"in [1, ingest.seq_len={recipe.ingest.seq_len}]", recipe.ingest.min_tokens)
     _require(256 < recipe.tokenizer.vocab_size <= training_keys.MAX_VOCAB, "tokenizer.vocab_size",
@@ -309,6 +317,7 @@ def _validate(recipe: Recipe) -> Recipe:
              "a positive number", recipe.optimizer.lr)
     _require(len(recipe.optimizer.betas) == 2 and all(0 <= b < 1 for b in recipe.optimizer.betas),
              "optimizer.betas", "two numbers in [0, 1)", recipe.optimizer.betas)
+    _require(recipe.dist_timeout_s > 0, "dist_timeout_s", "> 0 (seconds)", recipe.dist_timeout_s)
     _require(recipe.grad_clip_norm >= 0, "grad_clip_norm", ">= 0 (0 turns clipping off)",
              recipe.grad_clip_norm)
     training_keys.check(recipe)

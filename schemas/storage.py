@@ -15,6 +15,7 @@ import io
 import os
 import posixpath
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Iterator
@@ -191,6 +192,19 @@ class Store:
         if not self._call(self.fs.exists, bucket):
             raise MatesError(f"`{self.url}`: bucket {bucket!r} does not exist (or these credentials "
                              f"cannot see it); create it first.")
+
+    def wait_for(self, *parts: str, poll_s: float = 0.2, max_poll_s: float = 5.0) -> float:
+        """Poll until `parts` exists (backing off from `poll_s` to `max_poll_s`); the seconds waited.
+
+        How one rank waits on another's long phase (rank 0 curating a boundary, uploading a
+        checkpoint): a file in the store has no clock, where a barrier times out after the
+        process group's `dist_timeout_s`. A rank that dies instead is the launcher's to handle:
+        `composer -n N` (and torchrun) end every rank when one exits with an error."""
+        started, wait = time.monotonic(), poll_s
+        while not self.exists(*parts):
+            time.sleep(wait)
+            wait = min(max_poll_s, wait * 1.5)
+        return time.monotonic() - started
 
     def remove(self, *parts: str) -> None:
         """Remove a file or a folder tree; absent is fine."""

@@ -155,3 +155,33 @@ def test_existing_pool_is_not_overwritten(local_pool, micro_corpus):
     result = mates("ingest", "--input", os.path.join(micro_corpus, "corpus.jsonl"), "--data", data)
     _assert_one_line_failure(result, "--force")
     assert open(os.path.join(data, "pool", "index.json"), "rb").read() == before
+
+
+def test_shard_size_is_a_key_with_a_tens_of_mb_default(micro_corpus, local_pool, tmp_path):
+    """`--shard-size-limit` (= `ingest.shard_size_limit`) cuts the same samples into more shards,
+    each within the bound; the default (64 MiB) holds the micro pool in one shard; a value out of
+    range is one line naming the key, before anything is written."""
+    from schemas.recipe import load_recipe
+    from tests.conftest import MICRO_RECIPE
+
+    assert IngestConfig().shard_size_limit == 64 << 20
+    corpus = os.path.join(micro_corpus, "corpus.jsonl")
+    small = str(tmp_path / "small")
+    result = mates("ingest", "--input", corpus, "--data", small, "--recipe", MICRO_RECIPE,
+                   "--shard-size-limit", str(1 << 16))
+    assert result.returncode == 0, result.stderr[-2000:]
+    default = str(tmp_path / "default")
+    assert mates("ingest", "--input", corpus, "--data", default, "--recipe", MICRO_RECIPE).returncode == 0
+    shards = {name: json.load(open(os.path.join(d, "pool", "index.json")))["shards"]
+              for name, d in (("small", small), ("default", default))}
+    assert len(shards["default"]) == 1 and load_recipe(MICRO_RECIPE).ingest.shard_size_limit == 64 << 20
+    assert len(shards["small"]) >= 4
+    assert all(s["raw_data"]["bytes"] <= 1 << 16 for s in shards["small"])
+    assert sum(s["samples"] for s in shards["small"]) == shards["default"][0]["samples"]
+    ids = [np.asarray(read_parquet(d, "catalog", "samples.parquet").column("sample_id")) for d in (small, default)]
+    assert np.array_equal(*ids)
+
+    refused = str(tmp_path / "refused")
+    result = mates("ingest", "--input", corpus, "--data", refused, "--shard-size-limit", "100")
+    _assert_one_line_failure(result, "`ingest.shard_size_limit` must be in [65536, 2147483648]")
+    assert not os.path.exists(refused)

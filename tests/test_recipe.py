@@ -50,6 +50,12 @@ def test_selection_ratio_outside_unit_interval(ratio):
     assert "`stages.selection_ratio`" in error_of({"stages": {"selection_ratio": ratio}})
 
 
+@pytest.mark.parametrize("seconds", [0, -5, "soon"])
+def test_dist_timeout_must_be_positive_seconds(seconds):
+    assert "`dist_timeout_s`" in error_of({"dist_timeout_s": seconds})
+    assert recipe_from_dict({**BASE, "dist_timeout_s": 30}).dist_timeout_s == 30.0
+
+
 def test_sequence_longer_than_context():
     assert "`ingest.seq_len`" in error_of({"ingest": {"seq_len": 256}, "model": {"max_seq_len": 128}})
 

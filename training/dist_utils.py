@@ -32,8 +32,12 @@ def precision(recipe, device: str) -> str:
     return "amp_bf16" if recipe.precision == "auto" else recipe.precision
 
 
-def init(requested_device: str) -> None:
-    """Start the process group when launched with more than one process."""
+def init(requested_device: str, timeout_s: float = 600.0) -> None:
+    """Start the process group when launched with more than one process.
+
+    `timeout_s` (the recipe's `dist_timeout_s`) bounds every collective: only ones the ranks reach
+    together (training's all-reduces, short syncs). A long phase on one rank (a boundary's
+    curation, a checkpoint upload) is waited on through a marker in the store instead."""
     from composer.utils import dist
 
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
@@ -42,7 +46,7 @@ def init(requested_device: str) -> None:
         # slow every rank down many times over: give each rank its share of the cores.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.initialize_dist(composer_device(device_name(requested_device)), timeout=600)
+        dist.initialize_dist(composer_device(device_name(requested_device)), timeout=timeout_s)
 
 
 def rank() -> int:

@@ -266,7 +266,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
     last = recipe.stages.count - 1 if until_stage is None else until_stage
     if not 0 <= last < recipe.stages.count:
         raise MatesError(f"`--until-stage` must be in [0, {recipe.stages.count - 1}]; got {until_stage}.")
-    dist_utils.init(recipe.device)
+    dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
     training_keys.check_world(recipe, dist_utils.world_size(), dist_utils.device_name(recipe.device))
     ctx = RunContext(recipe, log)
     rank = dist_utils.rank()
@@ -278,7 +278,8 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
             log(f"stage {stage}: already trained (state committed); skipping")
             continue
         curation_seconds = curate_if_needed(ctx, stage)
-        dist_utils.barrier()
+        if rank != 0:  # rank 0 commits the boundary; polled, not a barrier (no collective clock)
+            ctx.run_store.wait_for("stages", str(stage), "_SUCCESS")
         if stage == 0 and rank == 0:
             initial = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
             _append_metrics(recipe.run, -1, evaluate(initial, ctx.eval_sets),
@@ -298,7 +299,8 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
             log(f"stage {stage}: eval loss {losses}; {trained['tokens_per_s']:,.0f} tokens/s")
         _commit_stage_state(ctx, stage, trained)
         del trained  # the last holder of this stage's model and optimizer: freed before curation
-        dist_utils.barrier()
+        if rank != 0:  # rank 0 uploads the checkpoint and the state file (any size, any time)
+            ctx.ckpt_store.wait_for(state_name(stage))
     if rank == 0:
         log(metrics_table(recipe.run))
         log(costs_table(recipe.run))

@@ -252,7 +252,8 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
                                EVAL: {e.name: set_entry(e) for e in eval_sets}},
                       "summary": summary.to_dict()}
             store.write_bytes(json.dumps(marker, indent=2).encode(), "_SUCCESS")
-        ranks.barrier()  # no rank returns before the pool is committed
+        else:  # no rank returns before the pool is committed; polled, since
+            store.wait_for("_SUCCESS")  # rank 0's merge grows with the pool (no collective's clock)
     summary.seconds = time.perf_counter() - started
     return summary
 

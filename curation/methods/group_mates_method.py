@@ -141,23 +141,28 @@ class GroupMatesMethod(MatesMethod):
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
         emb = self.unit_embeddings(ctx, model, pool, tokenizer, ctx.candidates)
-        self.embeddings = torch.as_tensor(np.asarray(emb), dtype=torch.float32)      # [N, D]
+        emb = torch.as_tensor(np.asarray(emb))
+        # fp16 stores stay fp16 ([N, D] x 2 bytes) through clustering and the greedy; each chunk is
+        # upcast at its matrix product
+        self.embeddings = emb if emb.dtype == torch.float16 else emb.float()           # [N, D]
+        dev = next(relational.parameters()).device
         with torch.no_grad():
-            scores = relational.individual(self.embeddings.to(next(relational.parameters()).device))
+            scores = torch.cat([relational.individual(chunk.to(dev, torch.float32))
+                                for chunk in self.embeddings.split(1 << 16)])
         self.alpha, self.beta = relational.alpha, relational.beta
         ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         return scores.double().cpu().numpy()
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         from curation.select import metadata
-        from curation.select.clustering import spherical_kmeans
+        from curation.select.clustering import cluster_embeddings, n_clusters_for
         from curation.select.greedy import select_per_cluster
         from curation.select.gumbel import standardized
 
         opts = ctx.options
         t0 = time.perf_counter()
-        k = max(1, min(opts.n_clusters, len(pred)))
-        labels, _ = spherical_kmeans(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
+        k = n_clusters_for(len(pred), opts.cluster_size, opts.n_clusters)
+        labels = cluster_embeddings(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
         labels = labels.cpu().numpy().astype(np.int32)
         ctx.timings["cluster"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -182,7 +187,7 @@ class GroupMatesMethod(MatesMethod):
         quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
                                          temperature=opts.quota_temperature)
         mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
-                                  alpha=self.alpha, beta=self.beta)
+                                  alpha=self.alpha, beta=self.beta, device=ctx.device)
         candidates = pa.table({"sample_id": ctx.candidates.astype(np.int64), "cluster": labels})
         table = metadata.selection_table(con, candidates, mask)
         ctx.timings["select"] = time.perf_counter() - t0

@@ -9,8 +9,8 @@ greedy selection (`curation.select.greedy`) can run per cluster instead of over 
   then, when N is large, refined by this same k-means on a seeded subsample of `warm_rows` rows
   (default 64 k): full-data passes then start near a fixed point, so the bounds below prune early.
 * assignment: by cosine similarity, chunked matmul [chunk, D] @ [D, k] with a chunk of
-  `_CHUNK_ELEMS / k` rows, so the similarity block stays ~16 MB (1,000,000 x 384: the embeddings
-  plus ~60 MB).
+  `_CHUNK_ELEMS / max(k, D)` rows, so the similarity block and the chunk's rows upcast to fp32
+  stay ~16 MB each (with k = 23 the chunk was 182 k rows: 280 MB of fp32 rows).
 * update: centroid = normalised mean of its members.
 * empty clusters are re-seeded with the points farthest from their own centroid (deterministic).
 * stop after `max_iter` passes, or when no assignment changed (at most `tol` · N with `tol` > 0).
@@ -45,13 +45,21 @@ _NORM_TOL = 1e-3                # rows whose norm is within this of 1 are used a
 _SLACK = 1e-5                   # float32 margin: a bound must win by this much to skip a point
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _normalised(emb: torch.Tensor, chunk: int) -> torch.Tensor:
-    """`emb` itself when its rows are already unit norm (no 1.5 GB copy at 1M x 384), else a copy."""
-    if emb.dtype == torch.float32:
-        if all(((emb[i:i + chunk].norm(dim=1) - 1).abs() <= _NORM_TOL).all().item()
+    """Unit rows in `emb`'s own precision: `emb` itself when its rows are unit norm already (no
+    copy: 1.5 GB at 1M x 384 fp32), else a normalised copy. fp16 / bf16 rows stay 16-bit (an fp32
+    copy of 5M x 384 fp16 rows would be 7.7 GB beside their 3.8 GB); every pass upcasts one chunk
+    at a time to fp32 for its matrix product."""
+    half = emb.dtype in _HALF
+    if emb.dtype == torch.float32 or half:
+        tol = 4e-3 if half else _NORM_TOL    # fp16 rounding of a unit row moves its norm ~1e-4
+        if all(((emb[i:i + chunk].float().norm(dim=1) - 1).abs() <= tol).all().item()
                for i in range(0, emb.shape[0], chunk)):
             return emb
-    out = torch.empty(emb.shape, dtype=torch.float32, device=emb.device)
+    out = torch.empty(emb.shape, dtype=emb.dtype if half else torch.float32, device=emb.device)
     for i in range(0, emb.shape[0], chunk):
         out[i:i + chunk] = torch.nn.functional.normalize(emb[i:i + chunk].float(), dim=1)
     return out
@@ -200,7 +208,7 @@ def _pruned_pass(x, device, centroids, drift, st: dict, chunk: int) -> tuple[int
 
 def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20,
                      device: str | torch.device = "cpu", tol: float = 0.0, warm_rows: int | None = None,
-                     stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     warm_iter: int | None = None, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of `emb` [N, D] by cosine similarity: (labels [N] int32, centroids [k, D]).
 
     `tol` stops early once at most that fraction of the N assignments changed in a pass (0: stop
@@ -220,14 +228,14 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
     if not 0 <= tol < 1:
         raise MatesError(f"`tol` must be in [0, 1); got {tol}.")
     device = torch.device(device)
-    chunk = max(256, _CHUNK_ELEMS // k)
+    chunk = max(256, _CHUNK_ELEMS // max(k, dim))   # [chunk, k] sims and the [chunk, D] fp32 rows: ~16 MB each
     x = _normalised(emb, chunk)                                     # [N, D] unit rows
     warm = 64 * k if warm_rows is None else warm_rows
     warm_stats: dict = {}
     if 0 < warm <= n // 4:          # refine the start on a subsample (same seed, same algorithm)
         gen = torch.Generator().manual_seed(int(seed) + 1)
         sub = torch.randperm(n, generator=gen)[:warm].sort().values
-        _, centroids = spherical_kmeans(x[sub.to(x.device)], k, seed=seed, max_iter=max_iter, device=device,
+        _, centroids = spherical_kmeans(x[sub.to(x.device)], k, seed=seed, max_iter=warm_iter or max_iter, device=device,
                                         tol=tol, warm_rows=0, stats=warm_stats)
     else:
         warm = 0
@@ -269,3 +277,88 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
         stats.update(iterations=it, changed_last=changed, reseeded=reseeded, warm_rows=warm,
                      warm_iterations=warm_stats.get("iterations", 0), **history)
     return st["labels"].to(torch.int32), centroids
+
+
+# ---------------------------------------------------------------- many clusters: a tree
+BRANCH = 32   # most centroids one k-means of the tree compares a row with
+UPPER_PASSES = 2        # passes over all rows of an upper level of the tree
+UPPER_SAMPLE = 32768    # rows an upper level's centroids are fitted on (at least 64 per cluster)
+
+
+def n_clusters_for(n: int, cluster_size: int, n_clusters: int | None = None) -> int:
+    """k for `n` candidates: `n_clusters` when given, else n / `cluster_size` (rounded, >= 1); <= n."""
+    k = n_clusters if n_clusters is not None else max(1, round(n / cluster_size))
+    return max(1, min(int(k), n))
+
+
+def _split(k: int, sizes: list[int]) -> list[int]:
+    """k leaves dealt to groups of `sizes` rows in proportion (largest remainder), each in [1, size]."""
+    n = sum(sizes)
+    share = [k * s / n for s in sizes]
+    out = [min(s, max(1, math.floor(q))) for s, q in zip(sizes, share)]
+    order = sorted(range(len(sizes)), key=lambda g: (out[g] - share[g], g))   # furthest below share first
+    while sum(out) < k:
+        g = next(g for g in order if out[g] < sizes[g])
+        out[g] += 1
+        order = sorted(range(len(sizes)), key=lambda g: (out[g] - share[g], g))
+    while sum(out) > k:
+        g = next(g for g in reversed(order) if out[g] > 1)
+        out[g] -= 1
+        order = sorted(range(len(sizes)), key=lambda g: (out[g] - share[g], g))
+    return out
+
+
+def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu",
+                       max_iter: int = 20, tol: float = 0.0, stats: dict | None = None) -> torch.Tensor:
+    """Labels [N] int32 in [0, k) of the rows of `emb` [N, D] (fp32 or fp16, kept as given).
+
+    Up to `BRANCH` clusters: `spherical_kmeans` itself. More: hierarchical k-means (as in Vo et al.
+    2024's curation of web-scale data): L = ceil(log_BRANCH k) levels, each a spherical k-means of
+    b = ceil(k^(1/L)) clusters inside a cluster of the level above, the leaves dealt to the groups
+    in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
+    at k = N / cluster_size the cost grows ~N log N, not ~N² (flat: 5M rows x 2,500 centroids x
+    384 is 4.8 TFLOP per pass). The leaves are not flat Lloyd's optimum: within a group they are;
+    a row is never moved across groups once the level above placed it.
+    """
+    if emb.dim() != 2 or emb.shape[0] == 0:
+        raise MatesError(f"`emb` must be a non-empty [N, D] matrix; got shape {tuple(emb.shape)}.")
+    n = emb.shape[0]
+    if not 1 <= k <= n:
+        raise MatesError(f"`k` must be in [1, {n}] (the rows of `emb`); got {k}.")
+    levels = max(1, math.ceil(math.log(k) / math.log(BRANCH) - 1e-9)) if k > 1 else 1
+    if stats is not None:
+        stats.update(levels=levels, kmeans_runs=0)
+    x = _normalised(emb, max(256, _CHUNK_ELEMS // min(k, BRANCH)))
+    return _tree(x, k, levels, seed, device, max_iter, tol, stats).to(torch.int32)
+
+
+def _tree(x, k, levels, seed, device, max_iter, tol, stats) -> torch.Tensor:
+    device = torch.device(device)
+    if k == 1:
+        return torch.zeros(x.shape[0], dtype=torch.long, device=device)
+    if stats is not None:
+        stats["kmeans_runs"] += 1
+    if levels == 1 or k <= BRANCH:
+        return spherical_kmeans(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol)[0].long()
+    b = min(k, math.ceil(k ** (1 / levels) - 1e-9))
+    # an upper level only deals rows to groups: its centroids come from a subsample (run to
+    # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
+    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's
+    top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
+                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)))[0].long()
+    order = torch.argsort(top.cpu(), stable=True)                  # rows grouped by top cluster
+    sizes = torch.bincount(top.cpu(), minlength=b).tolist()
+    present = [g for g in range(b) if sizes[g]]
+    leaves = dict(zip(present, _split(k, [sizes[g] for g in present])))
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=device)
+    start = offset = 0
+    for g in range(b):
+        rows = order[start:start + sizes[g]]
+        start += sizes[g]
+        if not sizes[g]:
+            continue
+        sub = _tree(x[rows.to(x.device)], leaves[g], levels - 1, (seed * 1000003 + g + 1) % (1 << 62), device, max_iter,
+                    tol, stats)
+        labels[rows.to(device)] = sub + offset
+        offset += leaves[g]
+    return labels

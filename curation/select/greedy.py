@@ -17,8 +17,9 @@ them. The picks are those of the matvec version (the tests check it); only the a
 
 `select_per_cluster` runs the greedy inside each cluster (Σ_c O(n_c² D) instead of O(N² D));
 `global_greedy` runs it over all rows at once, which is what per-cluster selection approximates.
-Inputs: numpy arrays or torch tensors (CUDA ones are copied to the CPU: per-cluster problems are
-too small to pay for kernel launches), float32 or float64 embeddings; running sums are float64.
+Torch throughout (it was NumPy float64 on the CPU), so a CUDA `device` runs the same loop on
+the GPU. Inputs: numpy arrays or torch tensors, fp16, float32 or float64 embeddings; running sums
+and marginals are float64, the block products float32 (fp16 rows upcast one cluster at a time).
 """
 from __future__ import annotations
 
@@ -53,54 +54,59 @@ def _tensor(a, dtype=None) -> torch.Tensor:
 
 
 def greedy_group_select(scores, emb, quota: int, *, alpha: float = 1.0, beta: float = 1.0,
-                        block: int = 64, stats: dict | None = None) -> np.ndarray:
+                        block: int = 64, stats: dict | None = None, device=None) -> np.ndarray:
     """Row indices [quota] (int64, in pick order) chosen greedily by relational marginal.
 
-    Runs on the CPU. `block`: rows of h_j·h computed at once for the candidates of least marginal
-    (see the module docstring). `stats`, when given, gets `blocks` (how many) added to it.
+    Torch on `device` (default: `emb`'s; a CUDA device runs it on the GPU): the running sums and
+    marginals in float64, the block products in float32 (fp16 rows are upcast here, one cluster
+    at a time). `block`: rows of h_j·h computed at once for the candidates of least marginal (see
+    the module docstring). `stats`, when given, gets `blocks` (how many) added to it.
     """
-    s = _tensor(scores, torch.float64).cpu()                         # [n]
-    E = _tensor(emb).cpu().contiguous()                              # [n, D] unit rows
+    E = _tensor(emb)
+    dev = torch.device(device) if device is not None else E.device
+    s = _tensor(scores, torch.float64).to(dev)                       # [n]
+    E = E.to(dev, torch.float32 if E.dtype in (torch.float16, torch.bfloat16) else E.dtype).contiguous()  # [n, D]
     _check_inputs(s, E, quota, alpha, beta)
     n = s.shape[0]
-    base = alpha * s.numpy()                                         # [n] θ_1 = α s
-    acc = np.zeros(n)                                                # [n] Σ_{i<t} h_i·h_j
-    blocked = np.zeros(n)                                            # [n] +inf once picked
-    theta = np.empty(n)                                              # [n] marginal of each row
+    base = alpha * s                                                 # [n] θ_1 = α s
+    acc = torch.zeros(n, dtype=torch.float64, device=dev)            # [n] Σ_{i<t} h_i·h_j
+    open_base = base.clone()                                         # [n] α s, +inf once picked
+    theta = torch.empty(n, dtype=torch.float64, device=dev)          # [n] marginal of each row
     width = max(1, min(block, n))
     sims, slot = None, {}                                            # [B, n] rows h_c·h_j, c -> row
     picks = []
     for t in range(quota):              # t = picks so far = (paper's t) - 1
-        if t == 0:
-            theta[:] = base
-        else:                           # θ = α s (1 - acc / (β t))
-            np.multiply(acc, -1.0 / (beta * t), out=theta)
-            theta += 1
-            theta *= base
-        theta += blocked
-        last = int(np.argmin(theta))
+        # θ = α s (1 - acc / (β t)) as α s + α s · acc · (-1 / (β t)): one fused op per pick (the
+        # loop is bound by per-op overhead, ~4 ops a pick), picked rows +inf through open_base
+        torch.addcmul(open_base, base, acc, value=-1.0 / (beta * t) if t else 0.0, out=theta)
+        last = int(torch.argmin(theta))  # the first minimum: ties go to the lowest row
         picks.append(last)
         if t + 1 == quota:
             break
         if last not in slot:            # speculate: the likeliest next picks are the least θ now
-            cand = np.argpartition(theta, width - 1)[:width] if width < n else np.arange(n)
-            cand = np.concatenate(([last], cand[cand != last]))[:width]   # ties could leave it out
-            sims = (E[torch.from_numpy(cand)] @ E.T).numpy()         # [B, n] one GEMM, not B matvecs
-            slot = {int(c): i for i, c in enumerate(cand)}
+            cand = torch.topk(theta, width, largest=False, sorted=False).indices if width < n \
+                else torch.arange(n, device=dev)
+            cand = torch.cat([cand.new_tensor([last]), cand[cand != last]])[:width]   # ties could leave it out
+            sims = (E[cand] @ E.T).double()                          # [B, n] one GEMM, not B matvecs
+            slot = {c: i for i, c in enumerate(cand.tolist())}
             if stats is not None:
                 stats["blocks"] = stats.get("blocks", 0) + 1
         acc += sims[slot[last]]
-        blocked[last] = np.inf
+        open_base[last] = math.inf
     return np.asarray(picks, dtype=np.int64)
 
 
 def select_per_cluster(scores, emb, labels, quotas: dict[int, int], *, alpha: float = 1.0,
-                       beta: float = 1.0, block: int = 64, stats: dict | None = None) -> np.ndarray:
-    """Boolean mask [N]: `quotas[c]` rows of each cluster c, chosen by `greedy_group_select`.
+                       beta: float = 1.0, block: int = 64, stats: dict | None = None, device=None) -> np.ndarray:
+    """Boolean mask [N]: `quotas[c]` rows of each cluster c, chosen by `greedy_group_select` on
+    `device` (default: the GPU when there is one, else the CPU).
 
     Clusters absent from `quotas` (or with quota 0) contribute nothing, so rows labelled -1
-    (dropped, e.g. duplicates) are never selected.
+    (dropped, e.g. duplicates) are never selected. `emb` may be fp16: a cluster's rows are
+    upcast to fp32 when its greedy starts, never the whole matrix.
     """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     s = _tensor(scores, torch.float64).cpu()                         # [N]
     E = _tensor(emb)                                                 # [N, D]
     lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
@@ -120,7 +126,7 @@ def select_per_cluster(scores, emb, labels, quotas: dict[int, int], *, alpha: fl
         rows = order[start:start + size]                             # [n_c] in ascending row order
         index = torch.from_numpy(rows)
         picks = greedy_group_select(s[index], E[index.to(E.device)], quota, alpha=alpha, beta=beta,
-                                    block=block, stats=stats)
+                                    block=block, stats=stats, device=device)
         mask[rows[picks]] = True
     return mask
 
