@@ -6,21 +6,29 @@ import pytest
 
 
 def test_a_lost_shared_memory_race_is_retried(monkeypatch, tmp_path):
+    import numpy as np
     import streaming
+    from streaming.base.stream import Stream
 
     from training import data
 
     calls = []
 
     class Racy:
+        """Validates its streams as StreamingDataset does, and a lost race leaves them weighted
+        (`apply_weights` ran before the shared memory was created), as the real one does."""
+
         def __init__(self, **kwargs):
             calls.append(kwargs)
+            Stream.validate_weights(kwargs["streams"])
             if len(calls) < 3:
+                Stream.apply_weights(kwargs["streams"], samples_per_stream=np.array([8]), choose_per_epoch=None,
+                                     seed=0)
                 raise FileExistsError(17, "File exists", "/000282_locals")
 
     monkeypatch.setattr(streaming, "StreamingDataset", Racy)
     monkeypatch.setattr(data.time, "sleep", lambda s: None)
-    assert isinstance(data.streaming_dataset([(str(tmp_path), None)], batch_size=4, shuffle=False, seed=0), Racy)
+    assert isinstance(data.streaming_dataset([(str(tmp_path), 1.0)], batch_size=4, shuffle=False, seed=0), Racy)
     assert len(calls) == 3
 
     calls.clear()

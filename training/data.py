@@ -48,10 +48,12 @@ def streaming_dataset(streams: list[tuple[str, float]], *, batch_size: int, shuf
     from streaming import Stream, StreamingDataset
 
     _clean_shared_memory()
-    # Object stores fail transiently (500/503, resets); streaming retries each shard download.
-    stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop, download_retry=6)
-                   for url, prop in streams]
     for attempt in range(SHM_ATTEMPTS):
+        # Object stores fail transiently (500/503, resets); streaming retries each shard download.
+        # New Stream objects per attempt: a failed StreamingDataset has already given the old
+        # ones their sample counts (`choose`), and a Stream with two weights is refused.
+        stream_objs = [Stream(**stream_location(url, cache_tag), proportion=prop, download_retry=6)
+                       for url, prop in streams]
         try:
             return StreamingDataset(streams=stream_objs, batch_size=batch_size, shuffle=shuffle,
                                     shuffle_seed=seed, epoch_size=epoch_size, replication=None,
