@@ -144,7 +144,9 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
                              None if clusters is None else clusters[lo:hi], order[lo:hi])
         write_parquet(part, url, "scores", _part_name(r))
     extra = {"target": ctx.target, "score_parts": world_size if method.parallel_scoring else 1,
-             **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics}
+             **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics,
+             # the compute ledger (README "Compute ledger"); a method that records none spends ~0
+             **{f"flops_{k}": v for k, v in ctx.flops.items()}, "curation_flops": float(sum(ctx.flops.values()))}
     # write_stage_index adds seconds_index and the totals (curation_seconds, the share of training)
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                       stage=ctx.stage, method=method_name, extra=extra, started=started,
