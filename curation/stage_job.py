@@ -5,6 +5,7 @@ once from a seeded permutation of all sample ids.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -17,7 +18,7 @@ from curation.methods.base import StageContext
 from curation.select.gumbel import ranks
 from schemas import tables
 from schemas.errors import MatesError
-from schemas.storage import read_parquet, store_for, write_parquet
+from schemas.storage import join, read_parquet, store_for, write_parquet
 
 
 def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) -> list[np.ndarray]:
@@ -32,6 +33,10 @@ def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) ->
 
 def n_selected(n_candidates: int, ratio: float) -> int:
     return max(1, int(round(ratio * n_candidates)))
+
+
+def _ledger_name(rank: int) -> str:
+    return f"ledger-part-{rank:05d}.json"
 
 
 def _no_barrier() -> None:
@@ -68,9 +73,19 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int,
     barrier()
     mine = shard_for_rank(ctx.candidates, rank, world_size)
     write_parquet(_scores_table(mine, method.score_slice(ctx, mine)), url, "scores", _part_name(rank))
+    if rank != 0:  # this rank's share of the compute ledger, for rank 0's marker
+        counts = {k: v for k, v in ctx.metrics.items() if k.startswith("curation/ledger/") and k.endswith("_tokens")}
+        store_for(join(url, "oracle")).write_bytes(json.dumps({"flops": ctx.flops, "counts": counts}).encode(),
+                                                   _ledger_name(rank))
     barrier()
     if rank != 0:
         return None
+    for r in range(1, world_size):  # the ledger counts every rank's scoring, not rank 0's slice alone
+        share = json.loads(store_for(join(url, "oracle")).read_bytes(_ledger_name(r)))
+        for k, v in share["flops"].items():
+            ctx.flops[k] = ctx.flops.get(k, 0.0) + v
+        for k, v in share["counts"].items():
+            ctx.metrics[k] = ctx.metrics.get(k, 0) + v
     parts = [read_parquet(url, "scores", _part_name(r)) for r in range(world_size)]
     ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])
     if not np.array_equal(ids, ctx.candidates):
