@@ -99,3 +99,28 @@ def test_data_parallel_scoring_counts_every_ranks_share(tmp_path):
     assert rank0.flops == {"score": 100.0}
     assert rank0.metrics["curation/ledger/score_encoder_read_tokens"] == 20
     assert rank0.metrics["curation/ledger/encoder_forward_flops_per_token"] == 5.0
+
+
+def test_perplexity_ledger_is_one_lm_forward_of_every_candidate(local_pool, tmp_path):
+    import numpy as np
+
+    from curation.methods.base import StageContext
+    from curation.methods.ledger import lm_shape, sample_tokens
+    from curation.methods.perplexity_method import PerplexityMethod
+    from curation.store.pool import MDSFolder
+    from jobs.bench_probe import toy_probe_state
+    from schemas.method_options import PerplexityOptions
+    from schemas.probe_state import save_probe_state
+    from schemas.recipe import load_recipe
+    from tests.conftest import MICRO_RECIPE
+
+    recipe = load_recipe(MICRO_RECIPE)
+    state = toy_probe_state(recipe.model, recipe.tokenizer.vocab_size)
+    save_probe_state(state, str(tmp_path), "state.pt")
+    ctx = StageContext(run_url=str(tmp_path / "run"), data_url=local_pool, stage=1, candidates=np.arange(40),
+                       n_select=10, seed=0, options=PerplexityOptions(), state_url=str(tmp_path / "state.pt"),
+                       log=lambda m: None)
+    PerplexityMethod().predict(ctx)
+    tokens = sample_tokens(MDSFolder(f"{local_pool}/pool"), np.arange(40))
+    assert ctx.metrics["curation/ledger/scored_tokens"] == tokens > 0
+    assert ctx.flops == {"score": compute.eval_flops(lm_shape(state), tokens)}

@@ -83,6 +83,10 @@ def test_group_mates_frozen_reuses_the_stored_embeddings(group_frozen):
     selection = read_parquet(stage, "selection.parquet")
     assert selection.filter(selection.column("selected")).num_rows == 200
     assert store_for(stage).exists("relational_model", "relational_model.json")
+    # every embedding was stored: no encoder work at all, only the LM's probes and trajectories
+    _, phases = assert_ledger(run, marker)
+    assert "embed" not in phases and phases["group_oracle"] > 0
+    assert (phases["fit"], phases["relational_fit"], phases["score"]) == (0.0, 0.0, 0.0)
 
 
 def test_report_plots_curation_costs(mates_frozen, group_frozen, tmp_path):
