@@ -192,9 +192,8 @@ class MatesMethod(CurationMethod):
         for key in ("computed", "reused"):
             ctx.metrics[f"curation/embed/{key}"] = ctx.metrics.get(f"curation/embed/{key}", 0) + stats[key]
         ctx.timings["embed"] = ctx.timings.get("embed", 0.0) + stats["seconds"]  # new ones only
-        if stats["computed"]:
+        if stats["computed"]:  # the store built its encoder to compute them
             self.record_encoder(ctx, "embed", store._encoder, read=stats["tokens"])
-        if stats["computed"]:
             ctx.log(f"  embedded {stats['computed']} new samples into {store.url} in {stats['seconds']:.1f} s")
         return store.load(ids)
 
