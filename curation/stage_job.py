@@ -5,6 +5,7 @@ once from a seeded permutation of all sample ids.
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -19,7 +20,7 @@ from curation.methods.base import StageContext
 from curation.select.gumbel import ranks
 from schemas import tables
 from schemas.errors import MatesError
-from schemas.storage import read_parquet, store_for, write_parquet
+from schemas.storage import join, read_parquet, store_for, write_parquet
 
 
 def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) -> list[np.ndarray]:
@@ -34,6 +35,10 @@ def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) ->
 
 def n_selected(n_candidates: int, ratio: float) -> int:
     return max(1, int(round(ratio * n_candidates)))
+
+
+def _ledger_name(rank: int) -> str:
+    return f"ledger-part-{rank:05d}.json"
 
 
 def _no_barrier() -> None:
@@ -79,10 +84,19 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int)
         store.wait_for(PREPARED)
     mine = shard_for_rank(ctx.candidates, rank, world_size)
     write_parquet(_scores_table(mine, method.score_slice(ctx, mine)), url, "scores", _part_name(rank))
-    if rank != 0:
+    if rank != 0:  # this rank's share of the compute ledger, for rank 0's marker
+        counts = {k: v for k, v in ctx.metrics.items() if k.startswith("curation/ledger/") and k.endswith("_tokens")}
+        store_for(join(url, "oracle")).write_bytes(json.dumps({"flops": ctx.flops, "counts": counts}).encode(),
+                                                   _ledger_name(rank))
         return None
-    for r in range(1, world_size):
+    for r in range(1, world_size):  # the ledger counts every rank's scoring, not rank 0's slice alone
         store.wait_for("scores", _part_name(r))   # one object, written whole (schemas/storage.py)
+        store.wait_for("oracle", _ledger_name(r))
+        share = json.loads(store_for(join(url, "oracle")).read_bytes(_ledger_name(r)))
+        for k, v in share["flops"].items():
+            ctx.flops[k] = ctx.flops.get(k, 0.0) + v
+        for k, v in share["counts"].items():
+            ctx.metrics[k] = ctx.metrics.get(k, 0) + v
     parts = [read_parquet(url, "scores", _part_name(r)) for r in range(world_size)]
     ids = np.concatenate([np.asarray(p.column("sample_id")) for p in parts])
     if not np.array_equal(ids, ctx.candidates):
@@ -162,7 +176,9 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
                              None if clusters is None else clusters[lo:hi], order[lo:hi])
         write_parquet(part, url, "scores", _part_name(r))
     extra = {"target": ctx.target, "score_parts": world_size if method.parallel_scoring else 1,
-             **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics}
+             **{f"seconds_{k}": v for k, v in ctx.timings.items()}, **ctx.metrics,
+             # the compute ledger (README "Compute ledger"); a method that records none spends ~0
+             **{f"flops_{k}": v for k, v in ctx.flops.items()}, "curation_flops": float(sum(ctx.flops.values()))}
     # write_stage_index adds seconds_index and the totals (curation_seconds, the share of training)
     write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                       stage=ctx.stage, method=method_name, extra=extra, started=started,

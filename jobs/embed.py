@@ -47,7 +47,9 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
                part_size: int | None = None, log=print) -> dict:
     """Embed the pool of `recipe.data` (all of it, the curated stages' candidates, or the first
     `limit` ids); returns this rank's stats and the store URL."""
+    from curation.compute import encoder_flops
     from curation.data.ingest import read_pool_marker
+    from curation.methods.ledger import encoder_shape
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.influence.embeddings import PART_SIZE, EmbeddingSettings, EmbeddingStore
     from curation.store.pool import MDSFolder
@@ -68,6 +70,10 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
                          device=dist_utils.device_name(recipe.device), progress=None if rank == 0 else False)
     dist_utils.barrier()
     rate = stats["computed"] / stats["seconds"] if stats["seconds"] else 0.0
+    # the compute ledger (README "Compute ledger"): one encoder forward of every new token
+    stats["flops"] = encoder_flops(encoder_shape(store._encoder), fitted_tokens=0, scored_tokens=stats["tokens"]) \
+        if stats["computed"] else 0.0
     log(f"embed (rank {rank}): {stats['computed']} computed in {stats['seconds']:.1f} s ({rate:.0f} samples/s), "
-        f"{stats['reused']} already stored, {stats['parts_written']} parts written")
+        f"{stats['reused']} already stored, {stats['parts_written']} parts written; "
+        f"{stats['tokens']} encoder tokens, {stats['flops']:.3g} FLOPs")
     return {**stats, "store": store.url, "samples": int(len(ids)), "rank": rank}

@@ -66,6 +66,9 @@ METRICS = _schema("metrics", [
     pa.field("train_tokens_per_s", pa.float64(), nullable=False),
     pa.field("curation_seconds", pa.float64(), nullable=False),
     pa.field("train_seconds", pa.float64(), nullable=False),
+    # 3F x the stage's trained tokens (curation/compute.py, README "Compute ledger"); null: a run
+    # written before the ledger
+    pa.field("train_flops", pa.float64(), nullable=True),
 ])
 
 # <run>/stages/<k>/audit.parquet: what the stage's curation prefers, per catalog group.

@@ -61,3 +61,66 @@ def test_phase_formulas():
     assert compute.encoder_flops(enc, fitted_tokens=5, scored_tokens=8) == enc.forward_per_token() * (15 + 8)
     with pytest.raises(ValueError, match="known"):
         compute.probe_flops(lm, "bogus", probe_tokens=1, reference_tokens=1)
+
+
+def test_meta_shape_of_a_probe_state_equals_the_built_model():
+    """The methods read the LM's shape from a probe state's config on the meta device (no weights)."""
+    from curation.methods.ledger import lm_shape
+
+    model = _gpt2()
+    state = {"model_type": "gpt2", "model_config": model.config.to_dict()}
+    assert lm_shape(state) == compute.shape_of(model, context=48)
+
+
+def test_data_parallel_scoring_counts_every_ranks_share(tmp_path):
+    """Rank 0's marker adds the other ranks' scoring FLOPs and token counts (not per-token figures)."""
+    import numpy as np
+
+    from curation.methods.base import StageContext
+    from curation.stage_job import _parallel_predictions
+
+    class Scorer:
+        def prepare(self, ctx):
+            pass
+
+        def score_slice(self, ctx, ids):
+            ctx.flops["score"] = ctx.flops.get("score", 0.0) + 10.0 * len(ids)
+            ctx.metrics["curation/ledger/score_encoder_read_tokens"] = 2 * len(ids)
+            ctx.metrics["curation/ledger/encoder_forward_flops_per_token"] = 5.0
+            return np.zeros(len(ids))
+
+    def ctx():
+        return StageContext(run_url=str(tmp_path), data_url=str(tmp_path), stage=1, candidates=np.arange(10),
+                            n_select=1, seed=0, options=None)
+
+    assert _parallel_predictions(ctx(), Scorer(), 1, 2, lambda: None) is None  # rank 1 first, then rank 0
+    rank0 = ctx()
+    assert len(_parallel_predictions(rank0, Scorer(), 0, 2, lambda: None)) == 10
+    assert rank0.flops == {"score": 100.0}
+    assert rank0.metrics["curation/ledger/score_encoder_read_tokens"] == 20
+    assert rank0.metrics["curation/ledger/encoder_forward_flops_per_token"] == 5.0
+
+
+def test_perplexity_ledger_is_one_lm_forward_of_every_candidate(local_pool, tmp_path):
+    import numpy as np
+
+    from curation.methods.base import StageContext
+    from curation.methods.ledger import lm_shape, sample_tokens
+    from curation.methods.perplexity_method import PerplexityMethod
+    from curation.store.pool import MDSFolder
+    from jobs.bench_probe import toy_probe_state
+    from schemas.method_options import PerplexityOptions
+    from schemas.probe_state import save_probe_state
+    from schemas.recipe import load_recipe
+    from tests.conftest import MICRO_RECIPE
+
+    recipe = load_recipe(MICRO_RECIPE)
+    state = toy_probe_state(recipe.model, recipe.tokenizer.vocab_size)
+    save_probe_state(state, str(tmp_path), "state.pt")
+    ctx = StageContext(run_url=str(tmp_path / "run"), data_url=local_pool, stage=1, candidates=np.arange(40),
+                       n_select=10, seed=0, options=PerplexityOptions(), state_url=str(tmp_path / "state.pt"),
+                       log=lambda m: None)
+    PerplexityMethod().predict(ctx)
+    tokens = sample_tokens(MDSFolder(f"{local_pool}/pool"), np.arange(40))
+    assert ctx.metrics["curation/ledger/scored_tokens"] == tokens > 0
+    assert ctx.flops == {"score": compute.eval_flops(lm_shape(state), tokens)}

@@ -100,6 +100,7 @@ def test_killed_pass_resumes_without_recomputing_finished_parts(local_pool, tmp_
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     assert (stats["computed"], stats["reused"], stats["parts_written"]) == (32, 16, 2)
+    assert stats["tokens"] > 32 and stats["flops"] > 0  # the one-time pass's share of the compute ledger
     fresh = EmbeddingStore(data, SETTINGS)
     assert np.abs(fresh.load(np.arange(48)) - _direct(data, np.arange(48), encoder)).max() < 1e-5
     # DuckDB reads the parts as any other table

@@ -11,7 +11,7 @@ from curation.influence.frozen_head import FrozenHead
 from schemas.costs import PHASES, stage_costs
 from schemas.storage import join, read_parquet, store_for
 from tests.conftest import mates
-from tests.test_mates_e2e import method_run
+from tests.test_mates_e2e import assert_ledger, method_run
 
 pytestmark = pytest.mark.slow
 ENCODER = "encoder_layers: 1, encoder_max_len: 64"
@@ -65,6 +65,9 @@ def test_mates_frozen_embeds_the_candidates_and_scores_with_the_head(mates_froze
     # the probes' embeddings before the fit, then the rest of the candidates' before scoring
     assert f"embedded {N_PROBES} new samples" in result.stderr
     assert f"embedded {400 - N_PROBES} new samples" in result.stderr
+    # the ledger: the embedding pass is the encoder's only work; the head and scoring count 0
+    _, phases = assert_ledger(run, marker)
+    assert phases["embed"] > 0 and (phases["fit"], phases["score"]) == (0.0, 0.0)
 
 
 def test_group_mates_frozen_reuses_the_stored_embeddings(group_frozen):
@@ -80,6 +83,10 @@ def test_group_mates_frozen_reuses_the_stored_embeddings(group_frozen):
     selection = read_parquet(stage, "selection.parquet")
     assert selection.filter(selection.column("selected")).num_rows == 200
     assert store_for(stage).exists("relational_model", "relational_model.json")
+    # every embedding was stored: no encoder work at all, only the LM's probes and trajectories
+    _, phases = assert_ledger(run, marker)
+    assert "embed" not in phases and phases["group_oracle"] > 0
+    assert (phases["fit"], phases["relational_fit"], phases["score"]) == (0.0, 0.0, 0.0)
 
 
 def test_report_plots_curation_costs(mates_frozen, group_frozen, tmp_path):
@@ -99,7 +106,9 @@ def test_query_reads_the_embedding_store_and_the_phase_costs(mates_frozen, group
     result = mates("query", run, sql, "--csv", "-")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[1] == "400,384"   # stage 1's candidates, once each
-    result = mates("query", run, "SELECT seconds_embed, seconds_probe FROM stages WHERE stage = 1", "--csv", "-")
+    result = mates("query", run, "SELECT seconds_embed, seconds_probe, curation_flops FROM stages WHERE stage = 1",
+                   "--csv", "-")
     assert result.returncode == 0, result.stderr[-2000:]
-    embed, probe = (float(x) for x in result.stdout.strip().splitlines()[1].split(","))
+    embed, probe, flops = (float(x) for x in result.stdout.strip().splitlines()[1].split(","))
     assert abs(embed - marker["seconds_embed"]) < 1e-6 and abs(probe - marker["seconds_probe"]) < 1e-6
+    assert flops == pytest.approx(marker["curation_flops"], rel=1e-9) and flops > 0

@@ -28,6 +28,30 @@ def method_run(s3_server: str, s3_pool: str, method: str, options: str, prefix: 
     return run, result
 
 
+def assert_ledger(run: str, marker: dict) -> tuple:
+    """The compute ledger of stage 1 (README "Compute ledger"): flops_probe is probe_flops of the
+    recorded counts on the stage-0 state's shape, curation_flops the sum of the phases, and
+    metrics.parquet's train_flops 3F x each stage's tokens. Returns (LM shape, flops phases)."""
+    from curation.compute import probe_flops, training_flops
+    from curation.methods.ledger import lm_shape
+    from schemas.probe_state import load_probe_state
+
+    lm = lm_shape(load_probe_state(join(run, "checkpoints"), "stage-0-state.pt"))
+    method = read_parquet(join(run, "stages", "1"), "probes.parquet").column("method")[0].as_py()
+    counts = {k: marker[f"curation/ledger/probe_{k}"] for k in ("tokens", "reference_tokens")}
+    assert all(v > 0 for v in counts.values())
+    assert marker["flops_probe"] == probe_flops(lm, method, probe_tokens=counts["tokens"],
+                                                reference_tokens=counts["reference_tokens"])
+    assert marker["curation/ledger/lm_forward_flops_per_token"] == lm.forward_per_token()
+    phases = {k[len("flops_"):]: v for k, v in marker.items() if k.startswith("flops_")}
+    assert marker["curation_flops"] == pytest.approx(sum(phases.values()), rel=1e-12)
+    stages = {r["stage"]: r for r in read_parquet(run, "metrics.parquet").to_pylist()}
+    for k in sorted(stages)[1:]:
+        trained = stages[k]["tokens_seen"] - stages[k - 1]["tokens_seen"]
+        assert trained > 0 and stages[k]["train_flops"] == pytest.approx(training_flops(lm, trained), rel=1e-12)
+    return lm, phases
+
+
 @pytest.fixture(scope="module")
 def mates_run(s3_pool, s3_server):
     return method_run(s3_server, s3_pool, "mates", MATES_OPTIONS)
@@ -48,6 +72,10 @@ def test_mates_stage_writes_probes_model_and_scores(mates_run):
     # is weak (DESIGN.md 6: the signal is faint this early), so this is a floor, not a quality bar.
     assert marker["method"] == "mates" and marker["curation/influence/val_spearman"] > 0
     assert "held-out Spearman" in result.stderr
+    # the finetuned MiniLM: fitted on the probes (every epoch), then a forward over the candidates
+    _, phases = assert_ledger(run, marker)
+    assert set(phases) == {"probe", "fit", "score"} and phases["fit"] > 0 and phases["score"] > 0
+    assert marker["curation/ledger/fit_encoder_fitted_tokens"] == marker["curation/influence/fitted_tokens"] > 0
 
 
 def test_mates_index_holds_exactly_the_selection(mates_run, tmp_path):
@@ -163,6 +191,13 @@ def test_group_mates_writes_trajectories_clusters_and_reweighted_streams(group_r
     assert sorted(int(dataset[i]["sample_id"]) for i in range(len(dataset))) == \
         sorted(chosen.column("sample_id").to_pylist())
     assert "relational model: held-out Spearman" in result.stderr
+    from curation.compute import trajectory_flops
+
+    marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
+    lm, phases = assert_ledger(run, marker)
+    steps, tokens = marker["curation/ledger/trajectory_steps"], marker["curation/ledger/trajectory_tokens"]
+    assert steps == 12 * 4 and phases["group_oracle"] == trajectory_flops(
+        lm, steps=steps, batch_tokens=tokens / steps, reference_tokens=marker["curation/ledger/trajectory_reference_tokens"])
 
 
 def test_query_group_views_over_s3(group_run):

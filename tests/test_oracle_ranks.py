@@ -92,11 +92,12 @@ def test_group_mates_oracle_parts_of_two_ranks_equal_one_process(local_pool, tmp
 
     one = GroupMatesMethod()
     pool, pad = MDSFolder(f"{local_pool}/pool"), load_pool_tokenizer(local_pool).token_to_id(EOS)
-    ids, influence = one.probe(ctx("one"), pool, pad)
-    traj_ids, increments = one.group_oracle(ctx("one"), pool, pad)
+    one_ctx, two_ctx = ctx("one"), ctx("two")
+    ids, influence = one.probe(one_ctx, pool, pad)
+    traj_ids, increments = one.group_oracle(one_ctx, pool, pad)
     GroupMatesMethod().oracle_part(ctx("two"), 1, 2, lambda: None)
     rank0 = GroupMatesMethod()
-    rank0.oracle_part(ctx("two"), 0, 2, lambda: None)
+    rank0.oracle_part(two_ctx, 0, 2, lambda: None)
     assert len(ids) == 10 and increments.shape == (10, 2) and np.abs(influence).max() > 0
     assert np.array_equal(rank0.merged_probes[0], ids)
     assert np.abs(rank0.merged_probes[1] - influence).max() <= 1e-6 * np.abs(influence).max()
@@ -105,3 +106,17 @@ def test_group_mates_oracle_parts_of_two_ranks_equal_one_process(local_pool, tmp
     parts = sorted(os.listdir(tmp_path / "two" / "stages" / "1" / "oracle"))
     assert parts == ["probes-part-00000.parquet", "probes-part-00001.parquet",
                      "trajectories-part-00000.parquet", "trajectories-part-00001.parquet"]
+    # the compute ledger counts the merged table (every rank's probes and trajectory steps) and one
+    # reference gradient per rank that probed: 10 probes in chunks of 4 give rank 0 two, rank 1 one
+    from curation.compute import probe_flops
+
+    rank0.probe(two_ctx, pool, pad)
+    rank0.group_oracle(two_ctx, pool, pad)
+    one_m, two_m = one_ctx.metrics, two_ctx.metrics
+    for key in ("probe_tokens", "trajectory_steps", "trajectory_tokens", "trajectory_reference_tokens"):
+        assert two_m[f"curation/ledger/{key}"] == one_m[f"curation/ledger/{key}"] > 0, key
+    reference = one_m["curation/ledger/probe_reference_tokens"]
+    assert two_m["curation/ledger/probe_reference_tokens"] == 2 * reference
+    assert two_ctx.flops["probe"] == probe_flops(rank0.lm_shape, "forward", reference_tokens=2 * reference,
+                                                 probe_tokens=one_m["curation/ledger/probe_tokens"])
+    assert two_ctx.flops["group_oracle"] == one_ctx.flops["group_oracle"] > 0

@@ -35,6 +35,7 @@ import warnings
 import pyarrow as pa
 import torch
 
+from curation.compute import shape_of, training_flops
 from curation.data.ingest import read_pool_marker
 from curation.data.sets import resolve_primary_eval, resolve_target
 from curation.data.tokenizer import EOS, load_pool_tokenizer
@@ -169,7 +170,8 @@ def _append_metrics(run_url: str, stage: int, evals: list[dict], common: dict) -
     """Replace the rows of `stage` in metrics.parquet (one per eval set; rewritten atomically)."""
     store = store_for(run_url)
     rows = read_parquet(run_url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
-    rows = [r for r in rows if r["stage"] != stage] + [{"stage": stage, **common, **e} for e in evals]
+    rows = [{"train_flops": None, **r} for r in rows if r["stage"] != stage] + \
+        [{"stage": stage, **common, **e} for e in evals]  # rows from before the ledger: no train_flops
     rows.sort(key=lambda r: r["stage"])  # stable: eval sets keep their order within a stage
     write_parquet(tables.conform(pa.Table.from_pylist(rows), tables.METRICS), run_url, "metrics.parquet")
 
@@ -182,6 +184,7 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
 
     r, rank = ctx.recipe, dist_utils.rank()
     lm = build_causal_lm(r.model, ctx.vocab_size, ctx.eos_id, seed=r.seed).to(ctx.device)
+    shape = shape_of(lm, context=r.model.max_seq_len)  # before any sharding wraps its parameters
     optimizer = build_optimizer(lm, r)
     start = {"batch": 0, "sample": 0, "token": 0}
     if stage > 0:
@@ -218,7 +221,8 @@ def train_stage(ctx: RunContext, stage: int, *, in_memory: list[dict] | None = N
     ts = trainer.state.timestamp
     timestamp = {"batch": int(ts.batch), "sample": int(ts.sample), "token": int(start["token"]) + tokens}
     out = {"trainer": trainer, "lm": lm, "optimizer": optimizer, "timestamp": timestamp, "eval_lm": lm,
-           "seconds": seconds, "tokens_per_s": tokens / max(trainer_parts.max_over_ranks(monitor.seconds), 1e-9)}
+           "seconds": seconds, "tokens_per_s": tokens / max(trainer_parts.max_over_ranks(monitor.seconds), 1e-9),
+           "flops": training_flops(shape, tokens)}
     if r.parallelism:  # sharded: gather the whole state on every rank; rank 0 evaluates an unsharded copy
         out["full"] = trainer_parts.full_state(trainer, optimizer)
         if rank == 0:
@@ -284,7 +288,7 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
             initial = build_causal_lm(recipe.model, ctx.vocab_size, ctx.eos_id, seed=recipe.seed).to(ctx.device)
             _append_metrics(recipe.run, -1, evaluate(initial, ctx.eval_sets),
                             {"batches_seen": 0, "tokens_seen": 0, "train_tokens_per_s": 0.0,
-                             "curation_seconds": 0.0, "train_seconds": 0.0})
+                             "curation_seconds": 0.0, "train_seconds": 0.0, "train_flops": 0.0})
             del initial
         log(f"stage {stage}: training {recipe.stage_batches[stage]} batches")
         trained = train_stage(ctx, stage)
@@ -294,7 +298,8 @@ def run_recipe(recipe: Recipe, log=print, until_stage: int | None = None) -> Non
                             {"batches_seen": trained["timestamp"]["batch"],
                              "tokens_seen": trained["timestamp"]["token"],
                              "train_tokens_per_s": trained["tokens_per_s"],
-                             "curation_seconds": curation_seconds, "train_seconds": trained["seconds"]})
+                             "curation_seconds": curation_seconds, "train_seconds": trained["seconds"],
+                             "train_flops": trained["flops"]})
             losses = ", ".join(f"{e['eval_set']} ({e['loss_kind']}) {e['loss']:.4f}" for e in evals)
             log(f"stage {stage}: eval loss {losses}; {trained['tokens_per_s']:,.0f} tokens/s")
         _commit_stage_state(ctx, stage, trained)

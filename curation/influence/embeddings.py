@@ -211,8 +211,9 @@ class EmbeddingStore:
 
         `pool` is an open `MDSFolder`. `encoder` is an `InfluenceModel` whose (pretrained, never
         fitted) encoder to use; by default one is built from these settings when anything is missing.
-        Returns {"computed", "reused", "parts_written", "seconds"} for this rank; `seconds` counts
-        computing new embeddings only (0 when every one was stored), not reading the store.
+        Returns {"computed", "reused", "parts_written", "seconds", "tokens"} for this rank; `seconds`
+        counts computing new embeddings only (0 when every one was stored), not reading the store;
+        `tokens` the encoder tokens of the new ones (the compute ledger).
         """
         from curation.influence.scoring import pool_texts, shard_for_rank
 
@@ -222,7 +223,8 @@ class EmbeddingStore:
         # the others have got (splitting the missing ids would, and could leave ids to no rank).
         share = shard_for_rank(wanted, rank, world_size)
         mine = np.setdiff1d(share, self.stored_ids(), assume_unique=True)
-        stats = {"computed": 0, "reused": int(len(share) - len(mine)), "parts_written": 0, "seconds": 0.0}
+        stats = {"computed": 0, "reused": int(len(share) - len(mine)), "parts_written": 0, "seconds": 0.0,
+                 "tokens": 0}
         if len(mine) == 0:
             return stats
         started = time.perf_counter()
@@ -244,7 +246,7 @@ class EmbeddingStore:
             for start in range(0, len(mine), self.part_size):
                 ids = mine[start:start + self.part_size]
                 emb = pooled_embeddings(encoder, pool_texts(pool, ids, pool_tokenizer), batch_size=batch_size,
-                                        device=device, on_batch=bar.update)
+                                        device=device, on_batch=bar.update, counts=stats)
                 self._write_part(ids, emb)
                 self._merge(ids, emb.astype(np.dtype(self.settings.dtype)).astype(np.float32))
                 stats["computed"] += len(ids)
@@ -259,8 +261,9 @@ class EmbeddingStore:
 
 @torch.inference_mode()
 def pooled_embeddings(encoder, texts: list[str], *, batch_size: int = 64, device="cpu",
-                      on_batch=lambda n: None) -> np.ndarray:
-    """`encoder.pooled` of each text: [N, H] float32, in the order given.
+                      on_batch=lambda n: None, counts: dict | None = None) -> np.ndarray:
+    """`encoder.pooled` of each text: [N, H] float32, in the order given (`counts["tokens"]`, if
+    given, gets the encoder tokens read added).
 
     Texts are batched in order of their token count, so a batch pads to near its own length
     (padding is masked out of the mean, so the order changes the values only by float rounding).
@@ -271,6 +274,8 @@ def pooled_embeddings(encoder, texts: list[str], *, batch_size: int = 64, device
     for start in range(0, len(order), int(batch_size)):
         rows = order[start:start + int(batch_size)]
         batch = {k: v.to(device) for k, v in encoder.collate([ids[i] for i in rows]).items()}
+        if counts is not None:
+            counts["tokens"] = counts.get("tokens", 0) + int(batch["attention_mask"].sum())
         out[rows] = encoder.pooled(**batch).float().cpu().numpy()                   # [b, H]
         on_batch(len(rows))
     return out

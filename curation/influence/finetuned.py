@@ -295,5 +295,8 @@ def fit_influence_model(texts: list[str], labels: np.ndarray, *, options, seed: 
     model.eval()
     metrics = {"val_spearman": best.rho, "val_mse": best.mse, "train_size": int(len(train_ix)),
                "val_size": int(n_val), "label_mean": label_mean, "label_std": label_std,
-               "seconds": time.perf_counter() - started, "epochs_run": epochs, "best_epoch": best.epoch}
+               "seconds": time.perf_counter() - started, "epochs_run": epochs, "best_epoch": best.epoch,
+               # the compute ledger: encoder tokens trained on (every epoch) and evaluated held out
+               "fitted_tokens": epochs * sum(len(ids[i]) for i in train_ix),
+               "evaluated_tokens": epochs * sum(len(ids[i]) for i in val_ix)}
     return model, metrics

@@ -66,12 +66,13 @@ def check_batch_size(batch_size: int) -> int:
 
 def score_samples(model: InfluenceModel, pool, sample_ids: np.ndarray, pool_tokenizer, *,
                   batch_size: int = 64, device="cpu", with_embeddings: bool = False,
-                  progress: bool | None = None):
+                  progress: bool | None = None, counts: dict | None = None):
     """Predicted influence [N] float32 of each sample id, in order (and embeddings [N, H] if asked).
 
     `pool` is the pool's MDS folder URL (`<data>/pool`) or an open `MDSFolder`. `progress`: None
     shows a tqdm bar on stderr only when it is a terminal; True / False force it on / off.
-    The model is moved to `device` and left in the train/eval mode it came in.
+    The model is moved to `device` and left in the train/eval mode it came in. `counts`, if given,
+    gets the encoder tokens read added to its "tokens" (the compute ledger).
     """
     pool = open_pool(pool)
     sample_ids = np.asarray(sample_ids, dtype=np.int64)
@@ -83,6 +84,8 @@ def score_samples(model: InfluenceModel, pool, sample_ids: np.ndarray, pool_toke
     try:
         with torch.inference_mode():
             for batch in encoder_batches(model, pool, sample_ids, pool_tokenizer, batch_size):
+                if counts is not None:
+                    counts["tokens"] = counts.get("tokens", 0) + int(batch["attention_mask"].sum())
                 batch = {k: v.to(device) for k, v in batch.items()}
                 if with_embeddings:
                     pred, emb = model.predict_and_embed(**batch)          # [B], [B, H]

@@ -28,6 +28,7 @@ class StageContext:
     log: Any = print
     timings: dict = field(default_factory=dict)   # seconds per phase, written to _SUCCESS
     metrics: dict = field(default_factory=dict)   # namespaced figures, written to _SUCCESS
+    flops: dict = field(default_factory=dict)     # FLOPs per phase (curation/methods/ledger.py), to _SUCCESS
     # The training seconds the stage this boundary feeds is expected to take (the previous stage's
     # seconds per batch x this stage's batches; None at stage 0): the denominator of the cost share.
     train_seconds_expected: float | None = None

@@ -23,6 +23,7 @@ import torch
 
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.store.stage_index import stage_url
+from curation.methods import ledger
 from curation.methods.base import StageContext
 from curation.methods.mates_method import MatesMethod
 from curation.store.pool import MDSFolder
@@ -96,9 +97,25 @@ class GroupMatesMethod(MatesMethod):
                                                 max((len(s["tokens"]) for r in rows for s in r), default=1))
         write_parquet(trajectories_table(ids, increments, ctx.stage), stage_url(ctx.run_url, ctx.stage),
                       "trajectories.parquet")
+        self.record_trajectories(ctx, pool, ids)
         return ids, increments
 
-    def unit_embeddings(self, ctx: StageContext, model, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
+    def record_trajectories(self, ctx: StageContext, pool: MDSFolder, ids: np.ndarray) -> None:
+        """flops_group_oracle: every trajectory step (all ranks'), each a one-sample training step
+        and a reference loss over `trajectory_reference` target rows."""
+        from curation.compute import trajectory_flops
+
+        steps = int(ids.size)                                       # trajectories x T
+        tokens = ledger.sample_tokens(pool, ids)                    # the steps' batches, all together
+        reference = ledger.reference_tokens(ctx, limit=ctx.options.trajectory_reference)
+        # trajectory_flops takes one batch size: the mean step's tokens give the exact total
+        ledger.record(ctx, "group_oracle", trajectory_flops(self.lm_shape, steps=steps,
+                                                            batch_tokens=tokens / max(steps, 1),
+                                                            reference_tokens=reference),
+                      trajectory_steps=steps, trajectory_tokens=tokens, trajectory_reference_tokens=reference)
+
+    def unit_embeddings(self, ctx: StageContext, model, pool: MDSFolder, tokenizer, ids: np.ndarray,
+                        phase: str) -> np.ndarray:
         """h(x) [N, D] of `ids`: the L2-normalised pooled state of the frozen encoder from the store
         (frozen), or of the fitted influence model's encoder (finetune)."""
         from curation.influence.scoring import score_samples
@@ -106,8 +123,10 @@ class GroupMatesMethod(MatesMethod):
         if self.frozen(ctx):
             emb = self.stored_embeddings(ctx, pool, tokenizer, ids)
             return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        counts = {}
         _, emb = score_samples(model, pool, ids, tokenizer, batch_size=ctx.options.batch_size * 4,
-                               device=ctx.device, with_embeddings=True)
+                               device=ctx.device, with_embeddings=True, counts=counts)
+        self.record_encoder(ctx, phase, model, read=counts.get("tokens", 0))  # `phase`'s encoder pass
         return np.asarray(emb)
 
     def predict(self, ctx: StageContext) -> np.ndarray:
@@ -125,7 +144,7 @@ class GroupMatesMethod(MatesMethod):
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
         unique, inverse = np.unique(traj_ids, return_inverse=True)
-        emb_unique = self.unit_embeddings(ctx, model, pool, tokenizer, unique)
+        emb_unique = self.unit_embeddings(ctx, model, pool, tokenizer, unique, "relational_fit")
         traj_emb = np.asarray(emb_unique)[inverse.reshape(traj_ids.shape)]          # [n, T, D]
         # Both heads read the unnormalised pooled state (see head_from_influence_model).
         init_head = model.folded() if self.frozen(ctx) else head_from_influence_model(model)
@@ -133,6 +152,7 @@ class GroupMatesMethod(MatesMethod):
             traj_emb, increments, epochs=opts.relational_epochs, lr=opts.relational_lr,
             seed=ctx.seed + ctx.stage, init_head=init_head, device=ctx.device, log=lambda m: None)
         relational.save(join(stage_url(ctx.run_url, ctx.stage), "relational_model"))
+        ledger.record(ctx, "relational_fit", 0.0)  # a few-parameter model over embeddings (their pass is counted)
         ctx.timings["relational_fit"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         ctx.metrics.update({f"curation/relational/{k}": v for k, v in metrics.items()})
         ctx.log(f"  relational model: held-out Spearman {metrics['val_spearman']:.3f}, "
@@ -140,7 +160,7 @@ class GroupMatesMethod(MatesMethod):
 
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
-        emb = self.unit_embeddings(ctx, model, pool, tokenizer, ctx.candidates)
+        emb = self.unit_embeddings(ctx, model, pool, tokenizer, ctx.candidates, "score")
         emb = torch.as_tensor(np.asarray(emb))
         # fp16 stores stay fp16 ([N, D] x 2 bytes) through clustering and the greedy; each chunk is
         # upcast at its matrix product
@@ -150,6 +170,7 @@ class GroupMatesMethod(MatesMethod):
             scores = torch.cat([relational.individual(chunk.to(dev, torch.float32))
                                 for chunk in self.embeddings.split(1 << 16)])
         self.alpha, self.beta = relational.alpha, relational.beta
+        ledger.record(ctx, "score", 0.0)  # the relational head over the embeddings (their pass is counted)
         ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         return scores.double().cpu().numpy()
 

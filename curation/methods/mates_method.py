@@ -25,6 +25,7 @@ from curation.data.sets import TARGETS, load_set
 from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.failpoints import failpoint
 from curation.store.stage_index import stage_url
+from curation.methods import ledger
 from curation.methods.base import CurationMethod, StageContext
 from curation.store.pool import MDSFolder
 from schemas import tables
@@ -48,6 +49,7 @@ class MatesMethod(CurationMethod):
         if ctx.state_url is None:
             raise MatesError(f"`{self.name}` needs a trained model state; stage 0 is always `random`.")
         state = load_probe_state(*_split_url(ctx.state_url))
+        self.lm_shape = ledger.lm_shape(state)  # for the compute ledger: no second load of the state
         table = load_set(ctx.data_url, TARGETS, ctx.target)
         rows = min(ctx.options.max_target, limit or ctx.options.max_target)
         return state, ReferenceSet(table, pad_id, batch_size=16, limit=rows)
@@ -76,10 +78,13 @@ class MatesMethod(CurationMethod):
 
     def oracle_part(self, ctx: StageContext, rank: int, world_size: int, barrier) -> None:
         """This rank's whole chunks of the probes (curation/oracle/ranks.py); rank 0 keeps them all."""
-        from curation.oracle.ranks import on_ranks
+        from curation.oracle.ranks import dealt, on_ranks
 
         t0 = time.perf_counter()
         ids = self.probe_ids(ctx)
+        # each rank with probes builds its own prober: one reference gradient per such rank
+        spans = [dealt(len(ids), ctx.options.probe_batch, r, world_size) for r in range(world_size)]
+        self.probe_passes = sum(hi > lo for lo, hi in spans)
 
         def compute(lo: int, hi: int) -> pa.Table:  # all of it inside: a failure here is told to every rank
             pool, pad_id = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
@@ -113,7 +118,21 @@ class MatesMethod(CurationMethod):
                            "method": [opts.probe_method] * n, "stage": [ctx.stage] * n})
         write_parquet(tables.conform(probes, tables.PROBES), stage_url(ctx.run_url, ctx.stage), "probes.parquet")
         self.probed = (ids, influence)  # for the stage audit
+        self.record_probes(ctx, pool, ids)
         return ids, influence
+
+    def record_probes(self, ctx: StageContext, pool: MDSFolder, ids: np.ndarray) -> None:
+        """flops_probe: every probe of the stage (all ranks'), and one reference pass per prober."""
+        from curation.compute import probe_flops
+
+        if getattr(self, "lm_shape", None) is None:  # a rank 0 that probed nothing: read the state
+            self.lm_shape = ledger.lm_shape(load_probe_state(*_split_url(ctx.state_url)))
+        probe_tokens = ledger.sample_tokens(pool, ids)
+        reference_tokens = ledger.reference_tokens(ctx) * getattr(self, "probe_passes", 1)
+        ledger.record(ctx, "probe", probe_flops(self.lm_shape, ctx.options.probe_method, probe_tokens=probe_tokens,
+                                                reference_tokens=reference_tokens),
+                      probe_tokens=probe_tokens, probe_reference_tokens=reference_tokens)
+        ctx.metrics["curation/ledger/lm_forward_flops_per_token"] = self.lm_shape.forward_per_token()
 
     def previous_model(self, ctx: StageContext):
         """The influence model of the latest earlier stage that has one (warm start), or None."""
@@ -140,10 +159,21 @@ class MatesMethod(CurationMethod):
                                              log=lambda m: ctx.log(f"  {m}"))
         model.save_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
         ctx.timings["fit"] = time.perf_counter() - t0
+        self.record_encoder(ctx, "fit", model, fitted=metrics["fitted_tokens"], read=metrics["evaluated_tokens"])
         ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
         ctx.log(f"  influence model: held-out Spearman {metrics['val_spearman']:.3f} "
                 f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.1f} s")
         return model
+
+    @staticmethod
+    def record_encoder(ctx: StageContext, phase: str, encoder, *, fitted: int = 0, read: int = 0) -> None:
+        """The MiniLM's share of a phase: `fitted` tokens trained on (all epochs), `read` forwards."""
+        from curation.compute import encoder_flops
+
+        shape = ledger.encoder_shape(encoder)
+        ledger.record(ctx, phase, encoder_flops(shape, fitted_tokens=fitted, scored_tokens=read),
+                      **{f"{phase}_encoder_fitted_tokens": fitted, f"{phase}_encoder_read_tokens": read})
+        ctx.metrics["curation/ledger/encoder_forward_flops_per_token"] = shape.forward_per_token()
 
     # -- backbone: frozen ------------------------------------------------------------------
     def embedding_store(self, ctx: StageContext):
@@ -162,7 +192,8 @@ class MatesMethod(CurationMethod):
         for key in ("computed", "reused"):
             ctx.metrics[f"curation/embed/{key}"] = ctx.metrics.get(f"curation/embed/{key}", 0) + stats[key]
         ctx.timings["embed"] = ctx.timings.get("embed", 0.0) + stats["seconds"]  # new ones only
-        if stats["computed"]:
+        if stats["computed"]:  # the store built its encoder to compute them
+            self.record_encoder(ctx, "embed", store._encoder, read=stats["tokens"])
             ctx.log(f"  embedded {stats['computed']} new samples into {store.url} in {stats['seconds']:.1f} s")
         return store.load(ids)
 
@@ -179,6 +210,7 @@ class MatesMethod(CurationMethod):
                                         embeddings_key=self.embedding_store(ctx).settings.key,
                                         log=lambda m: ctx.log(f"  {m}"))
         head.save(join(stage_url(ctx.run_url, ctx.stage), "frozen_head"))
+        ledger.record(ctx, "fit", 0.0)  # a linear head over stored embeddings: negligible next to the LM
         # reading the stored embeddings counts as fitting; computing new ones is `embed`
         ctx.timings["fit"] = time.perf_counter() - t0 - (ctx.timings["embed"] - embed_before)
         ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
@@ -228,9 +260,11 @@ class MatesMethod(CurationMethod):
             self.pool = MDSFolder(join(ctx.data_url, "pool"))
             self.tokenizer = load_pool_tokenizer(ctx.data_url)
         t0 = time.perf_counter()
+        counts = {}
         pred = score_samples(self.model, self.pool, sample_ids, self.tokenizer,
-                             batch_size=ctx.options.batch_size * 4, device=ctx.device)
+                             batch_size=ctx.options.batch_size * 4, device=ctx.device, counts=counts)
         ctx.timings["score"] = time.perf_counter() - t0
+        self.record_encoder(ctx, "score", self.model, read=counts.get("tokens", 0))
         failpoint("score")
         ctx.log(f"  scored {len(sample_ids)} candidates in {ctx.timings['score']:.1f} s "
                 f"({len(sample_ids) / max(ctx.timings['score'], 1e-9):.0f} samples/s)")
@@ -248,6 +282,7 @@ class MatesMethod(CurationMethod):
         embed_before = ctx.timings.get("embed", 0.0)
         emb = self.stored_embeddings(ctx, self.pool, self.tokenizer, sample_ids)           # [N, D]
         pred = self.model.predict(emb)                                                    # [N]
+        ledger.record(ctx, "score", 0.0)  # one matrix product over stored embeddings
         # reading the stored embeddings counts as scoring; computing new ones is `embed`
         ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings["embed"] - embed_before)
         failpoint("score")

@@ -9,11 +9,14 @@ makes the shared Gumbel top-k nearly a plain top-k.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
 from curation.lm.batching import collate_samples, token_losses
 from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.methods import ledger
 from curation.methods.base import CurationMethod, StageContext
 from curation.store.pool import MDSFolder
 from curation.select.gumbel import standardized
@@ -41,15 +44,24 @@ class PerplexityMethod(CurationMethod):
     n_buckets = 4
 
     def predict(self, ctx: StageContext) -> np.ndarray:
+        from curation.compute import eval_flops
         from curation.oracle.probes import model_from_state
 
         if ctx.state_url is None:
             raise MatesError("`perplexity` needs a trained model state; stage 0 is always `random`.")
         parent, _, name = ctx.state_url.rstrip("/").rpartition("/")
-        model = model_from_state(load_probe_state(parent, name), ctx.device)
+        state = load_probe_state(parent, name)
+        model = model_from_state(state, ctx.device)
         pad_id = load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
-        losses = sample_losses(model, MDSFolder(join(ctx.data_url, "pool")), ctx.candidates, pad_id,
-                               batch_size=ctx.options.batch_size, device=ctx.device)
+        pool = MDSFolder(join(ctx.data_url, "pool"))
+        t0 = time.perf_counter()
+        losses = sample_losses(model, pool, ctx.candidates, pad_id, batch_size=ctx.options.batch_size,
+                               device=ctx.device)
+        ctx.timings["score"] = time.perf_counter() - t0
+        # the compute ledger: one LM forward over every candidate token
+        tokens, shape = ledger.sample_tokens(pool, ctx.candidates), ledger.lm_shape(state)
+        ledger.record(ctx, "score", eval_flops(shape, tokens), scored_tokens=tokens)
+        ctx.metrics["curation/ledger/lm_forward_flops_per_token"] = shape.forward_per_token()
         ctx.log(f"  perplexity: candidate loss median {np.median(losses):.3f}, "
                 f"5%-95% {np.percentile(losses, 5):.3f}-{np.percentile(losses, 95):.3f}; band `{ctx.options.band}`")
         z = standardized(losses)

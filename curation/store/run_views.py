@@ -109,7 +109,9 @@ def _markers_table(markers: list[dict]):
     import pyarrow as pa
 
     keys = ["stage", "method", "selected", "candidates", "curation_seconds", "curation_share_of_training",
-            *(f"seconds_{p}" for p in ("probe", "embed", "fit", "score", "cluster", "select", "index"))]
+            *(f"seconds_{p}" for p in ("probe", "embed", "fit", "score", "cluster", "select", "index")),
+            "curation_flops",  # the compute ledger (README "Compute ledger")
+            *(f"flops_{p}" for p in ("probe", "group_oracle", "embed", "fit", "relational_fit", "score"))]
     return pa.table({k: [m.get(k) for m in markers] for k in keys}) if markers else \
         pa.table({"stage": pa.array([], pa.int64()), "method": pa.array([], pa.string())})
 
