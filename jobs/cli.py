@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
     p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "probe-memory", "score", "select",
-                                    "backbones", "bounds"])
+                                    "backbones", "bounds", "projection"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")

@@ -298,6 +298,11 @@ def cmd_bench(args) -> int:
 
         print(json.dumps(bench_bounds(out=args.out, log=log), indent=2))
         return 0
+    if args.what == "projection":  # arithmetic on meta-device shapes: no recipe, nothing trained
+        from jobs.bench_projection import bench_projection
+
+        bench_projection(out=args.out and os.path.join(args.out, "projection.json"), log=log)
+        return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
     if args.rows and args.what == "select":
         sizes = args.rows.split(",")

@@ -124,3 +124,27 @@ def test_perplexity_ledger_is_one_lm_forward_of_every_candidate(local_pool, tmp_
     tokens = sample_tokens(MDSFolder(f"{local_pool}/pool"), np.arange(40))
     assert ctx.metrics["curation/ledger/scored_tokens"] == tokens > 0
     assert ctx.flops == {"score": compute.eval_flops(lm_shape(state), tokens)}
+
+
+def test_projection_uses_pythias_published_shapes_and_the_ledgers_arithmetic(tmp_path):
+    """`mates bench projection`: Pythia's non-embedding parameters as the Pythia paper lists them
+    (table 1: 302,311,424 and 805,736,448), and one row redone by hand from the formulas."""
+    from jobs import bench_projection as bp
+
+    assert bp.lm_shape("pythia-410m", 1024).non_embedding_params == 302_311_424
+    assert bp.lm_shape("pythia-1b", 1024).non_embedding_params == 805_736_448
+    result = bp.bench_projection(out=str(tmp_path / "p.json"), log=lambda m: None)
+    assert (tmp_path / "p.json").exists() and len(result["rows"]) == 24
+    setup = bp.Setup()
+    row = next(r for r in result["rows"] if r["lm"] == "pythia-1b" and r["pool"] == "paper"
+               and r["encoder"] == "minilm-l6" and r["backbone"] == "finetune" and r["probe_method"] == "forward")
+    f = bp.lm_shape("pythia-1b", 1024).forward_per_token()
+    e = bp.encoder_shape("minilm-l6", 512).forward_per_token()
+    train = 3 * f * 10_000 * 512 * 1024
+    assert row["train_flops"] == train
+    assert row["flops_probe"] == f * (2 * 80_000 * 1024 + 3 * 1024 * 1024)
+    assert row["flops_score"] == e * 25_600_000 * 512
+    fitted = int(0.9 * 80_000 * 512) * 3
+    assert row["flops_fit"] == e * (3 * fitted + (80_000 * 512 * 3 - fitted))
+    assert row["curation_share"] == pytest.approx((row["flops_probe"] + row["flops_fit"] + row["flops_score"]) / train)
+    assert setup.stage_samples / setup.selection_ratio == row["candidates"]
