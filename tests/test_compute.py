@@ -93,9 +93,14 @@ def test_data_parallel_scoring_counts_every_ranks_share(tmp_path):
         return StageContext(run_url=str(tmp_path), data_url=str(tmp_path), stage=1, candidates=np.arange(10),
                             n_select=1, seed=0, options=None)
 
-    assert _parallel_predictions(ctx(), Scorer(), 1, 2, lambda: None) is None  # rank 1 first, then rank 0
+    from curation.stage_job import PREPARED
+    from curation.store.stage_index import stage_url
+    from schemas.storage import store_for
+
+    store_for(stage_url(str(tmp_path), 1)).write_bytes(b"{}", PREPARED)  # rank 1 polls for it
+    assert _parallel_predictions(ctx(), Scorer(), 1, 2) is None  # rank 1 first, then rank 0
     rank0 = ctx()
-    assert len(_parallel_predictions(rank0, Scorer(), 0, 2, lambda: None)) == 10
+    assert len(_parallel_predictions(rank0, Scorer(), 0, 2)) == 10
     assert rank0.flops == {"score": 100.0}
     assert rank0.metrics["curation/ledger/score_encoder_read_tokens"] == 20
     assert rank0.metrics["curation/ledger/encoder_forward_flops_per_token"] == 5.0

@@ -151,7 +151,9 @@ def test_two_process_launcher_scores_data_parallel(s3_pool, s3_server, tmp_path)
     assert pq.read_table(store_for(run).fs.open(store_for(run).path("stages/1/selection.parquet"))).num_rows == 400
     assert sorted(store_for(stage).listdir("scores")) == ["part-00000.parquet", "part-00001.parquet"]
     # the probes were dealt to both ranks (24 probes in chunks of 12: one chunk each), rank 0 merged them
-    assert sorted(store_for(stage).listdir("oracle")) == ["probes-part-00000.parquet", "probes-part-00001.parquet"]
+    assert [n for n in store_for(stage).listdir("oracle") if n.startswith("probes-")] == \
+        ["probes-part-00000.parquet", "probes-part-00001.parquet"]
+    assert store_for(stage).listdir("oracle").count("ledger-part-00001.json") == 1  # rank 1's scoring FLOPs
     assert [read_parquet(stage, "oracle", f"probes-part-0000{r}.parquet").num_rows for r in (0, 1)] == [12, 12]
     assert read_parquet(stage, "probes.parquet").num_rows == 24
     parts = [read_parquet(stage, "scores", f"part-0000{r}.parquet") for r in (0, 1)]
