@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="the recipe once per method and seed, same budget; one table")
     p.add_argument("recipe", help="recipe YAML (or a packaged name, e.g. bench)")
     p.add_argument("--methods", default="random,perplexity,dsir,classifier,mates,group_mates",
-                   help="comparison entries: method names, or mates@frozen / group_mates@frozen (that backbone)")
+                   help="comparison entries: method names, or mates@frozen / group_mates@frozen / "
+                        "mates@oracle (that backbone)")
     p.add_argument("--seeds", type=int, default=3, help="seeds recipe.seed, recipe.seed+1, ...")
     p.add_argument("--out", default="compare-out", help="local folder for runs, logs and the table")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")

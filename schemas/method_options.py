@@ -33,8 +33,10 @@ class MatesOptions:
     warm_start: bool = True
     freeze_word_embeddings: bool = True  # keep MiniLM's 30522x384 token table fixed (see fit)
     # finetune: the papers' (encoder fine-tuned, pool re-encoded at every boundary); frozen: a
-    # linear head on the pool's stored embeddings (curation/store/embeddings.py, curation/influence/frozen_head.py)
-    backbone: Literal["finetune", "frozen"] = "finetune"
+    # linear head on the pool's stored embeddings (curation/influence/embeddings.py, frozen_head.py);
+    # oracle: no influence model, the oracle itself scores every candidate (`n_probes` is ignored):
+    # the upper bound of what a model could give, at the cost of probing the whole candidate pool
+    backbone: Literal["finetune", "frozen", "oracle"] = "finetune"
     head_epochs: int = 100            # frozen: epochs of the linear head (cheap: no encoder pass)
     head_lr: float = 1e-3             # frozen: AdamW lr of the linear head
     head_batch_size: int = 64         # frozen: examples per head step
@@ -51,6 +53,8 @@ class GroupMatesOptions(MatesOptions):
     # target examples of the per-step reference loss (null: all `max_target`): evaluated T times
     # per trajectory, it is most of a trajectory's time (README, "Group oracle cost")
     trajectory_reference: Optional[int] = None
+    # the relational model needs an embedding of every candidate: no `oracle` backbone here
+    backbone: Literal["finetune", "frozen"] = "finetune"
     relational_epochs: int = 200
     relational_lr: float = 1e-2
     # spherical k-means clusters over h(x): candidates / cluster_size (the greedy costs

@@ -217,3 +217,22 @@ def test_report_of_runs_over_s3_plots_influence_and_clusters(mates_run, group_ru
         result = mates("report", run, "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]
         assert _assert_valid_pngs(str(out / "index.html")) == expected
+
+
+def test_mates_oracle_backbone_scores_every_candidate_with_the_oracle(s3_pool, s3_server):
+    """`backbone: oracle` (the entry mates@oracle): no influence model; every candidate is probed
+    (forward, dealt like any probes) and its influence is its prediction: the upper bound a model
+    could reach, with its cost in the ledger's probe phase."""
+    run, _ = method_run(s3_server, s3_pool, "mates", "stages.options={backbone: oracle, probe_method: forward, "
+                        "n_probes: 8, probe_batch: 50, max_target: 16}", prefix="mates-oracle")
+    stage = join(run, "stages", "1")
+    probes = read_parquet(stage, "probes.parquet")
+    scores = read_parquet(stage, "scores", "part-00000.parquet")
+    assert probes.num_rows == scores.num_rows == 400  # every candidate, not n_probes
+    np.testing.assert_array_equal(probes.column("sample_id"), scores.column("sample_id"))
+    np.testing.assert_allclose(np.asarray(scores.column("prediction")), np.asarray(probes.column("influence")),
+                               rtol=1e-6)   # predictions are stored as float32
+    assert not store_for(stage).exists("influence_model") and not store_for(stage).exists("frozen_head")
+    marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
+    _, phases = assert_ledger(run, marker)
+    assert phases.get("score", 0.0) == 0.0 and phases.get("fit", 0.0) == 0.0 and phases["probe"] > 0

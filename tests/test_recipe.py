@@ -125,8 +125,12 @@ def test_backbone_option_of_mates_and_group_mates():
         opts = recipe_from_dict({**BASE, "stages": stages}).method_options
         assert (opts.backbone, opts.head_epochs, opts.embedding_dtype) == ("frozen", 100, "float32")
         stages["options"][method]["backbone"] = "frozn"
+        allowed = "'finetune', 'frozen', 'oracle'" if method == "mates" else "'finetune', 'frozen'"
         assert error_of({"stages": stages}) == (f"`stages.options.{method}.backbone` must be one of "
-                                                f"'finetune', 'frozen'; got 'frozn'.")
+                                                f"{allowed}; got 'frozn'.")
+    # the relational model needs every candidate's embedding: the oracle backbone is mates' alone
+    oracle = {"method": "group_mates", "options": {"group_mates": {"backbone": "oracle"}}}
+    assert "`stages.options.group_mates.backbone` must be one of 'finetune', 'frozen'" in error_of({"stages": oracle})
     assert recipe_from_dict({**BASE, "stages": {"method": "mates"}}).method_options.backbone == "finetune"
     assert "`stages.options.head_epochs`" in error_of({"stages": {"method": "mates", "options": {"head_epochs": 0}}})
 

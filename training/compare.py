@@ -46,10 +46,11 @@ def parse_methods(text: str) -> list[str]:
     def ok(entry: str) -> bool:
         method, _, backbone = entry.partition("@")
         return method in METHOD_OPTIONS and (not backbone or (method in BACKBONE_ENTRIES and
-                                                              backbone in ("finetune", "frozen")))
+                                                              backbone in ("finetune", "frozen"))
+                                             or entry == "mates@oracle")
     if not entries or not all(ok(e) for e in entries):
         raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(sorted(METHOD_OPTIONS))}, "
-                         f"or mates@frozen / group_mates@frozen (a backbone); got {text!r}.")
+                         f"or mates@frozen / group_mates@frozen / mates@oracle (a backbone); got {text!r}.")
     if len(set(entries)) != len(entries):
         raise MatesError(f"`--methods` names a method twice: {text!r}.")
     return entries

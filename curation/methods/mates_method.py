@@ -60,6 +60,8 @@ class MatesMethod(CurationMethod):
 
     def probe_ids(self, ctx: StageContext) -> np.ndarray:
         """The `n_probes` candidates probed at this boundary (sorted; the same on every rank)."""
+        if self.oracle_scored(ctx):  # the oracle scores every candidate (`backbone: oracle`)
+            return np.asarray(ctx.candidates)
         n = min(ctx.options.n_probes, len(ctx.candidates))
         rng = np.random.default_rng([ctx.seed, ctx.stage, 31337])
         return np.sort(rng.choice(ctx.candidates, size=n, replace=False))
@@ -221,6 +223,22 @@ class MatesMethod(CurationMethod):
     def frozen(self, ctx: StageContext) -> bool:
         return getattr(ctx.options, "backbone", "finetune") == "frozen"
 
+    def oracle_scored(self, ctx: StageContext) -> bool:
+        return getattr(ctx.options, "backbone", "finetune") == "oracle"
+
+    def score_slice_oracle(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """`backbone: oracle`: the probed influence of every candidate (probes.parquet, which rank 0
+        wrote before any rank scores) is the prediction; no model is fitted."""
+        from schemas.storage import read_parquet
+
+        probes = read_parquet(stage_url(ctx.run_url, ctx.stage), "probes.parquet")
+        ids, influence = np.asarray(probes.column("sample_id")), np.asarray(probes.column("influence"))
+        at = np.searchsorted(ids, sample_ids)   # probe ids are the sorted candidates
+        if not np.array_equal(ids[np.minimum(at, len(ids) - 1)], sample_ids):
+            raise MatesError(f"`backbone: oracle`: probes.parquet of stage {ctx.stage} lacks some candidates.")
+        ledger.record(ctx, "score", 0.0)  # the oracle's cost is the probing's
+        return influence[at].astype(np.float64)
+
     def influence_model(self, ctx: StageContext):
         """Steps 1 and 2: probe, then fit. Returns (model, pool, pool tokenizer, pad id); the model
         is an `InfluenceModel` (finetune) or a `FrozenHead` (frozen)."""
@@ -234,7 +252,9 @@ class MatesMethod(CurationMethod):
         ctx.log(f"  probed {len(ids)} candidates ({ctx.options.probe_method}): I(x) mean "
                 f"{influence.mean():+.5f} std {influence.std():.5f} in {ctx.timings['probe']:.1f} s")
         ctx.metrics["curation/influence/backbone"] = ctx.options.backbone
-        if self.frozen(ctx):
+        if self.oracle_scored(ctx):
+            model = None   # the probes are the predictions (score_slice_oracle)
+        elif self.frozen(ctx):
             model = self.fit_frozen(ctx, pool, tokenizer, ids, influence)
         else:
             model = self.fit(ctx, pool, tokenizer, ids, influence)
@@ -253,6 +273,8 @@ class MatesMethod(CurationMethod):
         from curation.influence.finetuned import InfluenceModel
         from curation.influence.scoring import score_samples
 
+        if self.oracle_scored(ctx):
+            return self.score_slice_oracle(ctx, sample_ids)
         if self.frozen(ctx):
             return self.score_slice_frozen(ctx, sample_ids)
         if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
