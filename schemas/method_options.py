@@ -35,8 +35,10 @@ class MatesOptions:
     # finetune: the papers' (encoder fine-tuned, pool re-encoded at every boundary); frozen: a
     # linear head on the pool's stored embeddings (curation/influence/embeddings.py, frozen_head.py);
     # oracle: no influence model, the oracle itself scores every candidate (`n_probes` is ignored):
-    # the upper bound of what a model could give, at the cost of probing the whole candidate pool
-    backbone: Literal["finetune", "frozen", "oracle"] = "finetune"
+    # the upper bound of what a model could give, at the cost of probing the whole candidate pool;
+    # ngram: the frozen head over hashed word 1-2-gram features (no transformer: the cheapest model)
+    backbone: Literal["finetune", "frozen", "oracle", "ngram"] = "finetune"
+    ngram_features: int = 4096        # ngram: hashed buckets (the head has this many weights)
     head_epochs: int = 100            # frozen: epochs of the linear head (cheap: no encoder pass)
     head_lr: float = 1e-3             # frozen: AdamW lr of the linear head
     head_batch_size: int = 64         # frozen: examples per head step
@@ -53,7 +55,7 @@ class GroupMatesOptions(MatesOptions):
     # target examples of the per-step reference loss (null: all `max_target`): evaluated T times
     # per trajectory, it is most of a trajectory's time (README, "Group oracle cost")
     trajectory_reference: Optional[int] = None
-    # the relational model needs an embedding of every candidate: no `oracle` backbone here
+    # the relational model needs an encoder embedding of every candidate: no `oracle` or `ngram`
     backbone: Literal["finetune", "frozen"] = "finetune"
     relational_epochs: int = 200
     relational_lr: float = 1e-2

@@ -280,7 +280,7 @@ def _validate(recipe: Recipe) -> Recipe:
         _require(opts.head_epochs >= 1, f"{where}.head_epochs", ">= 1", opts.head_epochs)
         _require(opts.head_lr > 0, f"{where}.head_lr", "> 0", opts.head_lr)
         _require(opts.head_batch_size >= 1, f"{where}.head_batch_size", ">= 1", opts.head_batch_size)
-    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target"):
+    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target", "ngram_features"):
         if hasattr(opts, key):
             _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
     if hasattr(opts, "n_clusters"):

@@ -236,3 +236,29 @@ def test_mates_oracle_backbone_scores_every_candidate_with_the_oracle(s3_pool, s
     marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
     _, phases = assert_ledger(run, marker)
     assert phases.get("score", 0.0) == 0.0 and phases.get("fit", 0.0) == 0.0 and phases["probe"] > 0
+
+
+def test_mates_ngram_backbone_fits_the_head_on_hashed_ngrams(s3_pool, s3_server):
+    """`backbone: ngram` (mates@ngram): the frozen head fitted on the probes' hashed word n-gram
+    features; every rank's predictions are that head over the candidates' features; no encoder."""
+    from curation.data.tokenizer import load_pool_tokenizer
+    from curation.influence.frozen_head import FrozenHead
+    from curation.influence.hashed_ngrams import ngram_features
+    from curation.influence.scoring import pool_texts
+    from curation.store.pool import MDSFolder
+
+    run, result = method_run(s3_server, s3_pool, "mates", "stages.options={backbone: ngram, ngram_features: 256, "
+                             "probe_method: forward, n_probes: 64, probe_batch: 32, max_target: 16}",
+                             prefix="mates-ngram")
+    stage = join(run, "stages", "1")
+    head = FrozenHead.load(join(stage, "ngram_head"))
+    assert head.dim == 256 and head.embeddings_key == "ngram-256"
+    scores = read_parquet(stage, "scores", "part-00000.parquet")
+    ids = np.asarray(scores.column("sample_id"))
+    texts = pool_texts(MDSFolder(join(s3_pool, "pool")), ids, load_pool_tokenizer(s3_pool))
+    np.testing.assert_allclose(np.asarray(scores.column("prediction")), head.predict(ngram_features(texts, 256)),
+                               rtol=1e-5, atol=1e-6)
+    marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
+    assert marker["curation/influence/backbone"] == "ngram" and -1 <= marker["curation/influence/val_spearman"] <= 1
+    assert marker["flops_fit"] == marker["flops_score"] == 0.0 and marker["flops_probe"] > 0
+    assert "n-gram head: held-out Spearman" in result.stderr + result.stdout

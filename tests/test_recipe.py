@@ -125,7 +125,7 @@ def test_backbone_option_of_mates_and_group_mates():
         opts = recipe_from_dict({**BASE, "stages": stages}).method_options
         assert (opts.backbone, opts.head_epochs, opts.embedding_dtype) == ("frozen", 100, "float32")
         stages["options"][method]["backbone"] = "frozn"
-        allowed = "'finetune', 'frozen', 'oracle'" if method == "mates" else "'finetune', 'frozen'"
+        allowed = "'finetune', 'frozen', 'oracle', 'ngram'" if method == "mates" else "'finetune', 'frozen'"
         assert error_of({"stages": stages}) == (f"`stages.options.{method}.backbone` must be one of "
                                                 f"{allowed}; got 'frozn'.")
     # the relational model needs every candidate's embedding: the oracle backbone is mates' alone

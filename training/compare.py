@@ -47,10 +47,11 @@ def parse_methods(text: str) -> list[str]:
         method, _, backbone = entry.partition("@")
         return method in METHOD_OPTIONS and (not backbone or (method in BACKBONE_ENTRIES and
                                                               backbone in ("finetune", "frozen"))
-                                             or entry == "mates@oracle")
+                                             or entry in ("mates@oracle", "mates@ngram"))
     if not entries or not all(ok(e) for e in entries):
         raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(sorted(METHOD_OPTIONS))}, "
-                         f"or mates@frozen / group_mates@frozen / mates@oracle (a backbone); got {text!r}.")
+                         f"or mates@frozen / group_mates@frozen / mates@oracle / mates@ngram (a backbone); "
+                         f"got {text!r}.")
     if len(set(entries)) != len(entries):
         raise MatesError(f"`--methods` names a method twice: {text!r}.")
     return entries

@@ -35,3 +35,16 @@ def ngram_counts(texts: list[str], n_features: int, max_n: int = 2) -> np.ndarra
     """Total count per bucket over all `texts` [n_features] (float64)."""
     flat, _ = ngram_bags(texts, n_features, max_n)
     return np.bincount(flat, minlength=n_features).astype(np.float64)
+
+
+def ngram_features(texts: list[str], n_features: int, max_n: int = 2) -> np.ndarray:
+    """Dense features [N, n_features] (float32): log(1 + count) per bucket, each row L2-normalised
+    so that long and short texts weigh alike. The `backbone: ngram` influence model's input."""
+    out = np.zeros((len(texts), n_features), dtype=np.float32)
+    for row, text in enumerate(texts):
+        counts = np.bincount(ngram_ids(text, n_features, max_n), minlength=n_features)
+        out[row] = np.log1p(counts)
+        norm = float(np.linalg.norm(out[row]))
+        if norm > 0:
+            out[row] /= norm
+    return out

@@ -223,6 +223,51 @@ class MatesMethod(CurationMethod):
     def frozen(self, ctx: StageContext) -> bool:
         return getattr(ctx.options, "backbone", "finetune") == "frozen"
 
+    # -- backbone: ngram ---------------------------------------------------------------------
+    def ngram(self, ctx: StageContext) -> bool:
+        return getattr(ctx.options, "backbone", "finetune") == "ngram"
+
+    def ngram_features(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
+        from curation.influence.hashed_ngrams import ngram_features
+        from curation.influence.scoring import pool_texts
+
+        return ngram_features(pool_texts(pool, ids, tokenizer), ctx.options.ngram_features)
+
+    def fit_ngram(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray, influence: np.ndarray):
+        """The frozen head's linear fit over hashed n-gram features of the probes, saved under the stage."""
+        from curation.influence.frozen_head import fit_frozen_head
+
+        opts = ctx.options
+        t0 = time.perf_counter()
+        head, metrics = fit_frozen_head(self.ngram_features(ctx, pool, tokenizer, ids), influence,
+                                        epochs=opts.head_epochs, lr=opts.head_lr, batch_size=opts.head_batch_size,
+                                        seed=ctx.seed + ctx.stage, embeddings_key=f"ngram-{opts.ngram_features}",
+                                        log=lambda m: ctx.log(f"  {m}"))
+        head.save(join(stage_url(ctx.run_url, ctx.stage), "ngram_head"))
+        ledger.record(ctx, "fit", 0.0)  # hashed counts and a linear head: no transformer
+        ctx.timings["fit"] = time.perf_counter() - t0
+        ctx.metrics.update({f"curation/influence/{k}": v for k, v in metrics.items()})
+        ctx.log(f"  n-gram head: held-out Spearman {metrics['val_spearman']:.3f} "
+                f"({metrics['train_size']}/{metrics['val_size']} split) in {ctx.timings['fit']:.2f} s")
+        return head
+
+    def score_slice_ngram(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """The n-gram head over the slice, 1,024 texts at a time (features are [rows, ngram_features])."""
+        from curation.influence.frozen_head import FrozenHead
+
+        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
+            self.model = FrozenHead.load(join(stage_url(ctx.run_url, ctx.stage), "ngram_head"))
+            self.pool = MDSFolder(join(ctx.data_url, "pool"))
+            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+        t0 = time.perf_counter()
+        pred = np.concatenate([self.model.predict(self.ngram_features(ctx, self.pool, self.tokenizer,
+                                                                      sample_ids[i:i + 1024]))
+                               for i in range(0, len(sample_ids), 1024)] or [np.zeros(0)])
+        ledger.record(ctx, "score", 0.0)
+        ctx.timings["score"] = time.perf_counter() - t0
+        ctx.log(f"  scored {len(sample_ids)} candidates with the n-gram head in {ctx.timings['score']:.2f} s")
+        return pred.astype(np.float64)
+
     def oracle_scored(self, ctx: StageContext) -> bool:
         return getattr(ctx.options, "backbone", "finetune") == "oracle"
 
@@ -254,6 +299,8 @@ class MatesMethod(CurationMethod):
         ctx.metrics["curation/influence/backbone"] = ctx.options.backbone
         if self.oracle_scored(ctx):
             model = None   # the probes are the predictions (score_slice_oracle)
+        elif self.ngram(ctx):
+            model = self.fit_ngram(ctx, pool, tokenizer, ids, influence)
         elif self.frozen(ctx):
             model = self.fit_frozen(ctx, pool, tokenizer, ids, influence)
         else:
@@ -275,6 +322,8 @@ class MatesMethod(CurationMethod):
 
         if self.oracle_scored(ctx):
             return self.score_slice_oracle(ctx, sample_ids)
+        if self.ngram(ctx):
+            return self.score_slice_ngram(ctx, sample_ids)
         if self.frozen(ctx):
             return self.score_slice_frozen(ctx, sample_ids)
         if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
