@@ -173,7 +173,8 @@ def test_report_of_a_comparison(comparison, tmp_path):
     result = mates("report", out, "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-2000:]
     images = _assert_valid_pngs(str(tmp_path / "report" / "index.html"))
-    assert images == ["loss.png", "sources.png", "audit.png", "costs.png"]  # no probes, no clusters among these
+    # no probes, no clusters among these; compute: loss against training + curation FLOPs and seconds
+    assert images == ["loss.png", "sources.png", "audit.png", "costs.png", "compute.png"]
     assert "<table>" in open(tmp_path / "report" / "index.html").read()
 
 

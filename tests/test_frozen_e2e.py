@@ -95,7 +95,7 @@ def test_report_plots_curation_costs(mates_frozen, group_frozen, tmp_path):
     run, _, _ = group_frozen
     result = mates("report", run, "--out", str(tmp_path / "report"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert _assert_valid_pngs(str(tmp_path / "report" / "index.html"))[-1] == "costs.png"
+    assert _assert_valid_pngs(str(tmp_path / "report" / "index.html"))[-2:] == ["costs.png", "compute.png"]
     assert "curation / training" in (tmp_path / "report" / "index.html").read_text()
 
 

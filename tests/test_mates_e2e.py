@@ -210,13 +210,25 @@ def test_report_of_runs_over_s3_plots_influence_and_clusters(mates_run, group_ru
     """`mates report RUN` on s3:// runs: the influence scatter (mates) and clusters (group_mates)."""
     from tests.test_compare_report import _assert_valid_pngs
 
-    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "audit.png", "influence.png", "costs.png"]),
+    from training.report_plots import cumulative_compute
+    from training.report_runs import load_run
+
+    for (run, _), expected in ((mates_run, ["loss.png", "sources.png", "audit.png", "influence.png", "costs.png",
+                                            "compute.png"]),
                                (group_run, ["loss.png", "sources.png", "audit.png", "influence.png", "clusters.png",
-                                            "costs.png"])):
+                                            "costs.png", "compute.png"])):
         out = tmp_path / run.split("/")[2]
         result = mates("report", run, "--out", str(out))
         assert result.returncode == 0, result.stderr[-2000:]
         assert _assert_valid_pngs(str(out / "index.html")) == expected
+        # the compute plot's x: every stage's training FLOPs plus every boundary's curation FLOPs so far
+        flops, seconds, stages = cumulative_compute(load_run(run))
+        rows = {r["stage"]: r for r in read_parquet(run, "metrics.parquet").to_pylist()}
+        curation = [json.loads(store_for(join(run, "stages", str(k))).read_bytes("_SUCCESS"))["curation_flops"]
+                    for k in stages]
+        assert list(stages) == [0, 1] and curation[1] > 0
+        np.testing.assert_allclose(flops, np.cumsum([rows[k]["train_flops"] + c for k, c in zip(stages, curation)]))
+        assert np.all(np.diff(seconds) > 0)
 
 
 def test_mates_oracle_backbone_scores_every_candidate_with_the_oracle(s3_pool, s3_server):

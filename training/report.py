@@ -22,7 +22,8 @@ import os
 
 from schemas.errors import MatesError
 from schemas.storage import store_for
-from training.report_plots import plot_audit, plot_clusters, plot_costs, plot_influence, plot_loss, plot_sources
+from training.report_plots import (plot_audit, plot_clusters, plot_compute, plot_costs, plot_influence, plot_loss,
+                                   plot_sources)
 from training.report_runs import RunView, load_run
 
 
@@ -103,6 +104,8 @@ def write_report(source: str, out: str | None = None, log=print) -> str:
                     plot_clusters))
     figures.append(("costs.png", "Curation seconds per phase at each boundary (embed: new embeddings only) "
                     "next to the stage's training seconds.", plot_costs))
+    figures.append(("compute.png", "Primary eval loss against cumulative compute, training plus curation "
+                    "(README \"Compute ledger\"), in FLOPs and in seconds.", plot_compute))
     body = [intro]
     for name, caption, plot in figures:
         path = os.path.join(out, name)

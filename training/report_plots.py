@@ -235,3 +235,47 @@ def plot_costs(runs: list[RunView], path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def cumulative_compute(run: RunView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(FLOPs, seconds, stage) at the end of each stage from stage 0 on: training plus the
+    curation of every boundary so far (the ledger: `train_flops`, each marker's `curation_flops`
+    and `curation_seconds`). None for a run written before the ledger."""
+    rows = [m for m in run.metrics if m["stage"] >= 0]
+    if not rows or any(m.get("train_flops") is None for m in rows):
+        return None
+    flops, seconds = [], []
+    for m in rows:
+        marker = run.stages.get(m["stage"], {}).get("marker", {})
+        flops.append(m["train_flops"] + float(marker.get("curation_flops", 0.0)))
+        seconds.append(m["train_seconds"] + float(marker.get("curation_seconds", 0.0)))
+    return np.cumsum(flops), np.cumsum(seconds), np.array([m["stage"] for m in rows])
+
+
+def plot_compute(runs: list[RunView], path: str) -> bool:
+    """The primary eval loss against cumulative compute (training + curation), in FLOPs and in
+    seconds: one line per run, so a method that reaches a loss with less compute lies left."""
+    lines = [(r, c) for r in runs if (c := cumulative_compute(r)) is not None and r.primary]
+    if not lines:
+        return False
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = {}
+    for r, (flops, seconds, stages) in lines:
+        by_stage = {m["stage"]: m["loss"].get(r.primary, np.nan) for m in r.metrics}
+        loss = [by_stage[k] for k in stages]
+        label = None if r.method in colors else r.method   # one legend entry per method, its seeds alike
+        color = colors.setdefault(r.method, f"C{len(colors) % 10}")
+        for ax, x in zip(axes, (flops, seconds)):
+            ax.plot(x, loss, marker="o", color=color, alpha=0.8, label=label)
+    for ax, unit in zip(axes, ("FLOPs (training + curation)", "seconds (training + curation)")):
+        ax.set_xlabel(f"cumulative {unit}")
+        ax.set_ylabel(f"loss on {lines[0][0].primary}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log")
+    fig.suptitle("Primary eval loss against the compute spent so far (one line per run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -24,6 +24,7 @@ class RunView:
     metrics: list[dict]                         # one dict per stage, `loss` = {eval set: loss}
     stages: dict = field(default_factory=dict)  # k -> {"selection", "scores", "probes", "audit", "marker"}
     kinds: dict = field(default_factory=dict)   # eval set -> loss kind
+    primary: str | None = None                  # the eval set a comparison ranks by
 
 
 def load_run(url: str) -> RunView:
@@ -34,6 +35,7 @@ def load_run(url: str) -> RunView:
     rows = read_parquet(url, "metrics.parquet").to_pylist() if store.exists("metrics.parquet") else []
     view = RunView(url, recipe.stages.method, recipe.seed, recipe.data, metrics_by_stage(rows),
                    kinds={r["eval_set"]: r["loss_kind"] for r in rows})
+    view.primary = recipe.eval.primary or next(iter(view.kinds), None)
     for k in range(recipe.stages.count):
         if not stage_committed(url, k):
             continue
