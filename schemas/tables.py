@@ -102,6 +102,13 @@ COMPARISON_RUNS = _schema("comparison_runs", [
     pa.field("curated_tokens_to_random_final", pa.float64(), nullable=True),  # counted from the first boundary
     pa.field("curation_seconds", pa.float64(), nullable=False),  # curated stages (k >= 1)
     pa.field("train_seconds", pa.float64(), nullable=False),     # all stages
+    # the compute ledger: training + curation of the curated stages (k >= 1), and how much of it
+    # the run spent until its loss first reached random's mean final loss (null: never, or a run
+    # written before the ledger)
+    pa.field("curated_flops", pa.float64(), nullable=True),
+    pa.field("curated_flops_to_random_final", pa.float64(), nullable=True),
+    pa.field("curated_seconds", pa.float64(), nullable=True),
+    pa.field("curated_seconds_to_random_final", pa.float64(), nullable=True),
 ])
 
 # <comparison>/stages.parquet: one row per curated stage (k >= 1) of every `mates compare` run,

@@ -115,6 +115,15 @@ def test_compare_table_and_shared_warmup(comparison, local_pool):
     assert len({r["final_loss"] for r in runs if r["method"] == "random" and r["primary"]}) == 2  # seeds differ
     for r in runs:  # tokens counted from the first boundary: the shared warm-up is not counted
         assert 0 < r["curated_tokens"] < r["tokens_seen"]
+        # compute counted the same way: one curated stage, its training FLOPs + its boundary's curation
+        stage = os.path.join(r["run"], "stages", "1")
+        marker = json.load(open(os.path.join(stage, "_SUCCESS")))
+        trained = [m for m in pq.read_table(os.path.join(r["run"], "metrics.parquet")).to_pylist() if m["stage"] == 1]
+        assert r["curated_flops"] == pytest.approx(trained[0]["train_flops"] + marker["curation_flops"])
+        assert r["curated_seconds"] == pytest.approx(trained[0]["train_seconds"] + marker["curation_seconds"])
+        if r["curated_tokens_to_random_final"] is not None and r["method"] == "random":
+            assert 0 < r["curated_flops_to_random_final"] <= r["curated_flops"] * (1 + 1e-9)
+    assert "curated compute to random's final loss (FLOPs; seconds)" in table
 
 
 def test_text_baselines_move_the_mix_toward_the_target(comparison, local_pool):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pyarrow as pa
+import pytest
 
 from schemas import tables
 from training.compare_tables import markdown_table, summarize, verdicts
@@ -76,7 +77,7 @@ def test_verdicts_say_each_target_met_or_missed_with_its_numbers():
     one_seed = _without(_runs(), "random", (18, 19))
     assert "std = 0.0000: not judged yet (random has one seed: no std)" in verdicts(summarize(one_seed, list(FINALS)))[0]
     table = markdown_table(summary)
-    assert "| mates | 3 | 5.9200 ± 0.0050 | -0.1000 | 6.3300 ± 0.0100 | 38% ± 0% | 50% ± 0% | 0.62, 0.48 |" in table
+    assert "| mates | 3 | 5.9200 ± 0.0050 | -0.1000 | 6.3300 ± 0.0100 | 38% ± 0% | –; – | 50% ± 0% | 0.62, 0.48 |" in table
 
 
 def test_a_failed_run_does_not_stop_the_others(monkeypatch):
@@ -108,3 +109,27 @@ def test_a_failed_run_does_not_stop_the_others(monkeypatch):
     assert sorted(failures) == ["run seed-17-mates failed (exit 1): boom", "run seed-18-warmup failed (exit 1): boom"]
     assert sorted(ran) == ["seed-17-mates", "seed-17-random", "seed-17-warmup", "seed-18-warmup"]
     assert any("seed-17-random: final loss e 1.0000" in line for line in logged)
+
+
+def test_curated_compute_shares_and_their_verdict():
+    """The compute columns: training + curation spent until random's final loss, as a share of
+    random's curated-stage compute (mean over seeds), in FLOPs and seconds; judged at <= 50%."""
+    rows = _runs().to_pylist()
+    for r in rows:
+        r.update(curated_flops=1000.0, curated_seconds=200.0)
+        if r["method"] == "mates":   # reaches random's final loss with 40% of the FLOPs, 60% of the seconds
+            r.update(curated_flops_to_random_final=400.0, curated_seconds_to_random_final=120.0)
+        if r["method"] == "group_mates":   # 30% and 45%: met in both units
+            r.update(curated_flops_to_random_final=300.0, curated_seconds_to_random_final=90.0)
+    summary = summarize(pa.Table.from_pylist(rows, schema=tables.COMPARISON_RUNS), list(FINALS), _stages())
+    by = {s["method"]: s for s in summary}
+    assert by["mates"]["flops_share"] == pytest.approx((0.4, 0.0)) and by["mates"]["seconds_share"] == pytest.approx((0.6, 0.0))
+    assert by["dsir"]["flops_share"] is None
+    text = "\n".join(verdicts(summary))
+    assert ("mates reaches random's final wiki_en loss with 40% of random's curated-stage FLOPs; 60% of random's "
+            "curated-stage seconds (training + curation); target <= 50%: MISSED.") in text
+    assert "group_mates reaches random's final wiki_en loss with 30% of random's curated-stage FLOPs; 45%" in text
+    assert "45% of random's curated-stage seconds (training + curation); target <= 50%: met." in text
+    table = markdown_table(summary)
+    assert "curated compute to random's final loss (FLOPs; seconds)" in table
+    assert "| 40%; 60% |" in table and "| –; – |" in table

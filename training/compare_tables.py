@@ -75,6 +75,22 @@ def _curve(rows: list[dict], eval_set: str) -> tuple[list[float], list[float]]:
     return [r["tokens_seen"] for r in mine], [r["loss"] for r in mine]
 
 
+def curated_compute(run_url: str, stages: list[dict]) -> dict[str, list[float] | None]:
+    """{"flops", "seconds"}: cumulative training + curation of the curated stages at the end of
+    stage 0, 1, ... (0 at stage 0: the warm-up is every method's); None without the ledger."""
+    from curation.store.stage_index import read_stage_marker
+
+    out = {"flops": [0.0], "seconds": [0.0]}
+    for row in (r for r in stages if r["stage"] >= 1):
+        marker = read_stage_marker(run_url, row["stage"])
+        for unit, train, curation in (("flops", row.get("train_flops"), marker.get("curation_flops")),
+                                      ("seconds", row.get("train_seconds"), marker.get("curation_seconds"))):
+            if out[unit] is not None:
+                out[unit] = None if train is None or curation is None else \
+                    out[unit] + [out[unit][-1] + float(train) + float(curation)]
+    return out
+
+
 def collect(specs: list[RunSpec]) -> tuple[pa.Table, pa.Table]:
     """(runs table: one row per run and eval set, per-stage metrics of every run) of the finished runs."""
     per_run = [(spec, read_parquet(spec.recipe.run, "metrics.parquet").to_pylist())
@@ -87,15 +103,22 @@ def collect(specs: list[RunSpec]) -> tuple[pa.Table, pa.Table]:
     for spec, rows in per_run:
         stages = tables.metrics_by_stage(rows)  # the per-stage fields, once per stage
         warm = max((r["tokens_seen"] for r in stages if r["stage"] == 0), default=0)  # at the first boundary
+        compute = curated_compute(spec.recipe.run, stages)
         for e in eval_sets:
             tokens, losses = _curve(rows, e)
             reach = tokens_to_reach(tokens, losses, random_finals[e]) if e in random_finals else None
+            curated_losses = [r["loss"].get(e) for r in stages if r["stage"] >= 0]
+            spent = {unit: None if curve is None or e not in random_finals or None in curated_losses
+                     or len(curve) != len(curated_losses)
+                     else tokens_to_reach(curve, curated_losses, random_finals[e]) for unit, curve in compute.items()}
             runs.append({"method": spec.method, "seed": spec.seed, "run": spec.recipe.run, "eval_set": e,
                          "primary": e == primary, "final_loss": losses[-1], "tokens_seen": tokens[-1],
                          "tokens_to_random_final": reach, "curated_tokens": tokens[-1] - warm,
                          "curated_tokens_to_random_final": None if reach is None else max(reach - warm, 0.0),
                          "curation_seconds": sum(r["curation_seconds"] for r in stages if r["stage"] >= 1),
-                         "train_seconds": sum(r["train_seconds"] for r in stages)})
+                         "train_seconds": sum(r["train_seconds"] for r in stages),
+                         **{f"curated_{unit}": None if curve is None else curve[-1] for unit, curve in compute.items()},
+                         **{f"curated_{unit}_to_random_final": v for unit, v in spent.items()}})
         metrics += [{"method": spec.method, "seed": spec.seed, **r} for r in rows]
     return (tables.conform(pa.Table.from_pylist(runs, schema=tables.COMPARISON_RUNS), tables.COMPARISON_RUNS),
             tables.conform(pa.Table.from_pylist(metrics, schema=COMPARISON_METRICS), COMPARISON_METRICS))
@@ -153,6 +176,13 @@ def summarize(runs: pa.Table, methods: list[str], stages: pa.Table | None = None
         prim = [r for r in mine if r["eval_set"] == primary]
         reached = [r["curated_tokens_to_random_final"] for r in prim if r["curated_tokens_to_random_final"] is not None]
         share = [t / float(np.mean(random_curated)) for t in reached] if random_curated else []
+        compute_share = {}  # unit -> share of random's curated-stage compute spent to reach its final loss
+        for unit in ("flops", "seconds"):
+            base = [r[f"curated_{unit}"] for r in rows if r["method"] == "random" and r["primary"]
+                    and r.get(f"curated_{unit}")]
+            spent = [r.get(f"curated_{unit}_to_random_final") for r in prim]
+            compute_share[unit] = _mean_std([v / float(np.mean(base)) for v in spent if v is not None]) \
+                if base and any(v is not None for v in spent) else None
         boundaries = [r for r in stage_rows if r["method"] == method]
         per_seed = {}  # seed -> (curation seconds, curated-stage training seconds)
         for r in boundaries:
@@ -164,6 +194,7 @@ def summarize(runs: pa.Table, methods: list[str], stages: pa.Table | None = None
             "method": method, "seeds": len(prim), "primary": primary,
             "loss": {e: _mean_std([r["final_loss"] for r in mine if r["eval_set"] == e]) for e in sets},
             "token_share": _mean_std(share) if share else None, "reached": len(reached),
+            "flops_share": compute_share["flops"], "seconds_share": compute_share["seconds"],
             "curation_share": _mean_std([c / t for c, t in per_seed.values() if t > 0]) if per_seed else
             _mean_std([r["curation_seconds"] / max(r["train_seconds"], 1e-9) for r in prim]),
             "primary_by_seed": {r["seed"]: r["final_loss"] for r in prim},
@@ -180,9 +211,10 @@ def markdown_table(summary: list[dict]) -> str:
     primary = summary[0]["primary"]
     others = [e for e in summary[0]["loss"] if e != primary]
     lines = [f"| method | seeds | {primary} (primary) | vs random | " + " | ".join(others) +
-             (" | " if others else "") + "curated tokens to random's final loss | curation time / "
-             "curated-stage training time | influence model held-out Spearman (mean, min) |",
-             "| --- | ---: | ---: | ---: | " + "---: | " * len(others) + "---: | ---: | ---: |"]
+             (" | " if others else "") + "curated tokens to random's final loss | curated compute to random's "
+             "final loss (FLOPs; seconds) | curation time / curated-stage training time | influence model "
+             "held-out Spearman (mean, min) |",
+             "| --- | ---: | ---: | ---: | " + "---: | " * len(others) + "---: | ---: | ---: | ---: |"]
     for s in summary:
         (c, cs), (q, qs) = s["loss"][primary], s["curation_share"]
         delta = f"{c - base['loss'][primary][0]:+.4f}" if base else "n/a"
@@ -197,12 +229,14 @@ def markdown_table(summary: list[dict]) -> str:
         fits = [f"{name}{m:.2f}, {lo:.2f}" for name, v in (("", s.get("influence_spearman")),
                                                          ("relational ", s.get("relational_spearman")))
                 if v for m, lo in [v]]
+        compute = "; ".join("–" if s.get(f"{u}_share") is None else f"{100 * s[f'{u}_share'][0]:.0f}%"
+                            for u in ("flops", "seconds"))
         lines.append(f"| {s['method']} | {s['seeds']} | {c:.4f} ± {cs:.4f} | {delta} | {cells}"
-                     f"{tokens} | {100 * q:.0f}% ± {100 * qs:.0f}% | {'; '.join(fits) or '–'} |")
+                     f"{tokens} | {compute} | {100 * q:.0f}% ± {100 * qs:.0f}% | {'; '.join(fits) or '–'} |")
     return "\n".join(lines)
 
 
-MODEL_AWARE = ("mates", "mates@frozen", "group_mates", "group_mates@frozen")
+MODEL_AWARE = ("mates", "mates@frozen", "mates@ngram", "mates@oracle", "group_mates", "group_mates@frozen")
 STATIC = ("dsir", "classifier")  # the static targeting baselines
 
 
@@ -248,6 +282,15 @@ def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
         said = "never reached" if share is None else f"{100 * share[0]:.0f}% of random's curated-stage tokens"
         out.append(f"{m} reaches random's final {primary} loss with {said}; target <= 50%: "
                    f"{'met' if ok else 'MISSED'}.")
+    for m in (m for m in MODEL_AWARE if m in by):
+        flops, seconds = by[m].get("flops_share"), by[m].get("seconds_share")
+        if flops is None and seconds is None:
+            continue
+        said = "; ".join(f"{100 * v[0]:.0f}% of random's curated-stage {unit}" for unit, v in
+                         (("FLOPs", flops), ("seconds", seconds)) if v is not None)
+        ok = flops is not None and seconds is not None and max(flops[0], seconds[0]) <= 0.5
+        out.append(f"{m} reaches random's final {primary} loss with {said} (training + curation); target <= 50%: "
+                   f"{'met' if ok else 'MISSED'}.")
     for m in (m for m in MODEL_AWARE if m in by and by[m].get("influence_spearman")):
         mean, low = by[m]["influence_spearman"]
         out.append(f"{m}: influence model held-out Spearman {mean:.2f} on average, {low:.2f} at its worst boundary; "
@@ -263,7 +306,9 @@ def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str
              "ranked by the primary set. Curated tokens to random's final loss: training tokens after the "
              "first boundary (the random warm-up is the same for every method, so it is not counted) at "
              "which a run's primary loss first reaches random's mean final primary loss (linear between "
-             "the evaluations at stage ends), as a share of random's curated-stage tokens. Curation time: the "
+             "the evaluations at stage ends), as a share of random's curated-stage tokens. Curated compute: the "
+             "same for training + curation of the curated stages (the compute ledger), in FLOPs and seconds. "
+             "Curation time: the "
              "seconds of every boundary's curation (the embedding passes included) over the measured "
              "training seconds of the curated stages. Held-out Spearman: the influence model's, on its "
              "held-out probes, at each boundary.", "",
