@@ -120,6 +120,8 @@ COMPARISON_STAGES = _schema("comparison_stages", [
     pa.field("target", pa.string(), nullable=True),             # the target set curation aimed at
     pa.field("influence_spearman", pa.float64(), nullable=True),   # the influence model's, held-out probes
     pa.field("relational_spearman", pa.float64(), nullable=True),  # Group-MATES' relational model's
+    # 5-fold cross-validated Spearman of a linear-head influence model (frozen, ngram); null otherwise
+    pa.field("influence_cv_spearman", pa.float64(), nullable=True),
     pa.field("curation_seconds", pa.float64(), nullable=False),
     pa.field("train_seconds", pa.float64(), nullable=True),     # the stage's measured training seconds
     pa.field("curation_share_of_training", pa.float64(), nullable=True),  # curation / measured training

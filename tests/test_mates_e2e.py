@@ -272,5 +272,6 @@ def test_mates_ngram_backbone_fits_the_head_on_hashed_ngrams(s3_pool, s3_server)
                                rtol=1e-5, atol=1e-6)
     marker = json.loads(store_for(stage).read_bytes("_SUCCESS"))
     assert marker["curation/influence/backbone"] == "ngram" and -1 <= marker["curation/influence/val_spearman"] <= 1
+    assert -1 <= marker["curation/influence/cv_spearman"] <= 1   # 64 probes: 5 folds of the head, no encoder
     assert marker["flops_fit"] == marker["flops_score"] == 0.0 and marker["flops_probe"] > 0
     assert "n-gram head: held-out Spearman" in result.stderr + result.stdout

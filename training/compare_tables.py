@@ -143,6 +143,7 @@ def collect_stages(specs: list[RunSpec], metrics: pa.Table) -> tuple[pa.Table, p
             stages.append({"method": spec.method, "seed": spec.seed, "stage": k, "target": marker.get("target"),
                            "influence_spearman": marker.get("curation/influence/val_spearman"),
                            "relational_spearman": marker.get("curation/relational/val_spearman"),
+                           "influence_cv_spearman": marker.get("curation/influence/cv_spearman"),
                            "curation_seconds": float(marker.get("curation_seconds", 0.0)), "train_seconds": train,
                            "curation_share_of_training": marker.get("curation_seconds", 0.0) / train
                            if train else None})

@@ -207,6 +207,7 @@ class MatesMethod(CurationMethod):
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
         emb = self.stored_embeddings(ctx, pool, tokenizer, ids)                              # [n, D]
+        self.cross_validate(ctx, emb, influence)
         head, metrics = fit_frozen_head(emb, influence, epochs=opts.head_epochs, lr=opts.head_lr,
                                         batch_size=opts.head_batch_size, seed=ctx.seed + ctx.stage,
                                         embeddings_key=self.embedding_store(ctx).settings.key,
@@ -239,7 +240,9 @@ class MatesMethod(CurationMethod):
 
         opts = ctx.options
         t0 = time.perf_counter()
-        head, metrics = fit_frozen_head(self.ngram_features(ctx, pool, tokenizer, ids), influence,
+        features = self.ngram_features(ctx, pool, tokenizer, ids)
+        self.cross_validate(ctx, features, influence)
+        head, metrics = fit_frozen_head(features, influence,
                                         epochs=opts.head_epochs, lr=opts.head_lr, batch_size=opts.head_batch_size,
                                         seed=ctx.seed + ctx.stage, embeddings_key=f"ngram-{opts.ngram_features}",
                                         log=lambda m: ctx.log(f"  {m}"))
@@ -267,6 +270,20 @@ class MatesMethod(CurationMethod):
         ctx.timings["score"] = time.perf_counter() - t0
         ctx.log(f"  scored {len(sample_ids)} candidates with the n-gram head in {ctx.timings['score']:.2f} s")
         return pred.astype(np.float64)
+
+    def cross_validate(self, ctx: StageContext, features: np.ndarray, influence: np.ndarray) -> None:
+        """The head's 5-fold cross-validated Spearman, into the marker (`cv_spearman`): the held-out
+        figure of the fit picks its best epoch on the same rows, so it reads high. A linear head
+        refits in seconds; too few probes (< 50) skip it."""
+        from curation.influence.frozen_head import MIN_EXAMPLES, cross_validated_spearman
+
+        if len(influence) < 5 * MIN_EXAMPLES:
+            return
+        opts = ctx.options
+        cv = cross_validated_spearman(features, influence, epochs=opts.head_epochs, lr=opts.head_lr,
+                                      batch_size=opts.head_batch_size, seed=ctx.seed + ctx.stage)
+        ctx.metrics["curation/influence/cv_spearman"] = cv["cv_spearman"]
+        ctx.log(f"  cross-validated Spearman {cv['cv_spearman']:.3f} ({cv['folds']} folds)")
 
     def oracle_scored(self, ctx: StageContext) -> bool:
         return getattr(ctx.options, "backbone", "finetune") == "oracle"
