@@ -258,10 +258,7 @@ class MatesMethod(CurationMethod):
         """The n-gram head over the slice, 1,024 texts at a time (features are [rows, ngram_features])."""
         from curation.influence.frozen_head import FrozenHead
 
-        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
-            self.model = FrozenHead.load(join(stage_url(ctx.run_url, ctx.stage), "ngram_head"))
-            self.pool = MDSFolder(join(ctx.data_url, "pool"))
-            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+        self.load_saved(ctx, FrozenHead.load, "ngram_head")
         t0 = time.perf_counter()
         pred = np.concatenate([self.model.predict(self.ngram_features(ctx, self.pool, self.tokenizer,
                                                                       sample_ids[i:i + 1024]))
@@ -332,6 +329,13 @@ class MatesMethod(CurationMethod):
         """Probe and fit on rank 0; the model is saved under the stage for every rank to load."""
         self.model, self.pool, self.tokenizer, _ = self.influence_model(ctx)
 
+    def load_saved(self, ctx: StageContext, load, folder: str) -> None:
+        """On a rank other than 0, the model rank 0 saved under the stage (`load(url)`) and the pool."""
+        if getattr(self, "model", None) is None:
+            self.model = load(join(stage_url(ctx.run_url, ctx.stage), folder))
+            self.pool = MDSFolder(join(ctx.data_url, "pool"))
+            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+
     def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         """Predicted influence of `sample_ids` (this rank's slice of the candidates)."""
         from curation.influence.finetuned import InfluenceModel
@@ -343,10 +347,7 @@ class MatesMethod(CurationMethod):
             return self.score_slice_ngram(ctx, sample_ids)
         if self.frozen(ctx):
             return self.score_slice_frozen(ctx, sample_ids)
-        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
-            self.model = InfluenceModel.from_pretrained(join(stage_url(ctx.run_url, ctx.stage), "influence_model"))
-            self.pool = MDSFolder(join(ctx.data_url, "pool"))
-            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+        self.load_saved(ctx, InfluenceModel.from_pretrained, "influence_model")
         t0 = time.perf_counter()
         counts = {}
         pred = score_samples(self.model, self.pool, sample_ids, self.tokenizer,
@@ -362,10 +363,7 @@ class MatesMethod(CurationMethod):
         """The head over the slice's stored embeddings (this rank embeds its slice's missing ones)."""
         from curation.influence.frozen_head import FrozenHead
 
-        if getattr(self, "model", None) is None:  # another rank: load what rank 0 saved
-            self.model = FrozenHead.load(join(stage_url(ctx.run_url, ctx.stage), "frozen_head"))
-            self.pool = MDSFolder(join(ctx.data_url, "pool"))
-            self.tokenizer = load_pool_tokenizer(ctx.data_url)
+        self.load_saved(ctx, FrozenHead.load, "frozen_head")
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
         emb = self.stored_embeddings(ctx, self.pool, self.tokenizer, sample_ids)           # [N, D]

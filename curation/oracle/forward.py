@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch.func import functional_call, jvp
 
-from curation.lm.batching import IGNORE, ReferenceSet, collate_samples
-from curation.oracle.probes import model_from_state
+from curation.lm.batching import IGNORE, ReferenceSet
+from curation.oracle.probes import influence_in_chunks, model_from_state
 from schemas.errors import MatesError
 
 DERIVATIVES = ("auto", "central", "jvp")
@@ -189,14 +189,5 @@ def forward_influence(state: dict, reference: ReferenceSet, samples: list[dict],
         return np.zeros(0)
     prober = ForwardProber(state, reference, derivative=derivative, reference_batch=reference_batch,
                            probe_batch=probe_batch, device=device, dtype=dtype)
-    n_ctx = prober.loss.lm.config.max_position_embeddings
-    length = max(max(len(s["tokens"]) for s in samples), length or 0)
-    if length > n_ctx:
-        raise MatesError(f"probe samples must be at most the model's {n_ctx} tokens; got {length}.")
-    out = []
-    for lo in range(0, len(samples), probe_batch):
-        chunk = samples[lo:lo + probe_batch]
-        out.append(prober.influence(collate_samples(chunk, pad_id, length=length)).double().cpu().numpy())
-        if progress is not None:
-            progress(len(chunk))
-    return np.concatenate(out)
+    return influence_in_chunks(prober, samples, pad_id=pad_id, probe_batch=probe_batch,
+                               n_ctx=prober.loss.lm.config.max_position_embeddings, length=length, progress=progress)

@@ -257,11 +257,26 @@ class OracleProber:
         return torch.cat(out)
 
 
-def _check_lengths(samples: list[dict], n_ctx: int) -> int:
-    length = max(len(s["tokens"]) for s in samples)
+def _check_lengths(samples: list[dict], n_ctx: int, at_least: int = 0) -> int:
+    """The padded length: the longest sample (or `at_least`), refused past the model's context."""
+    length = max(max(len(s["tokens"]) for s in samples), at_least)
     if length > n_ctx:
         raise MatesError(f"probe samples must be at most the model's {n_ctx} tokens; got {length}.")
     return length
+
+
+def influence_in_chunks(prober, samples: list[dict], *, pad_id: int, probe_batch: int, n_ctx: int,
+                        length: int | None, progress: Callable[[int], object] | None) -> np.ndarray:
+    """`prober.influence` over `samples` in chunks of `probe_batch`, every chunk padded to `length`
+    (default: the longest sample; the ranks of a launched run share one) -> I(x) [N] float64."""
+    length = _check_lengths(samples, n_ctx, length or 0)
+    out = []
+    for lo in range(0, len(samples), probe_batch):
+        chunk = samples[lo:lo + probe_batch]
+        out.append(prober.influence(collate_samples(chunk, pad_id, length=length)).double().cpu().numpy())
+        if progress is not None:
+            progress(len(chunk))
+    return np.concatenate(out)
 
 
 def probe_influence(state: dict, reference: ReferenceSet, samples: list[dict], *, method: str = "exact",
@@ -285,14 +300,8 @@ def probe_influence(state: dict, reference: ReferenceSet, samples: list[dict], *
         return np.zeros(0)
     prober = OracleProber(state, reference, method=method, probe_batch=probe_batch, device=device,
                           dtype=dtype)
-    length = max(_check_lengths(samples, prober.model.config.max_position_embeddings), length or 0)
-    out = []
-    for lo in range(0, len(samples), probe_batch):
-        chunk = samples[lo:lo + probe_batch]
-        out.append(prober.influence(collate_samples(chunk, pad_id, length=length)).double().cpu().numpy())
-        if progress is not None:
-            progress(len(chunk))
-    return np.concatenate(out)
+    return influence_in_chunks(prober, samples, pad_id=pad_id, probe_batch=probe_batch,
+                               n_ctx=prober.model.config.max_position_embeddings, length=length, progress=progress)
 
 
 @torch.no_grad()
