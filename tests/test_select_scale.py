@@ -8,15 +8,7 @@ import torch
 from curation.select import clustering
 from curation.select.clustering import BRANCH, cluster_embeddings, n_clusters_for, spherical_kmeans
 from curation.select.greedy import greedy_group_select, select_per_cluster
-from tests.test_group_select import _brute_force_greedy
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from tests.test_group_select import _brute_force_greedy, _one_torch_thread  # noqa: F401 (autouse here too)
 
 
 def _topics(n_topics: int, per: int, dim: int = 32, seed: int = 0):
