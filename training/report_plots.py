@@ -273,7 +273,7 @@ def plot_compute(runs: list[RunView], path: str) -> bool:
         ax.set_ylabel(f"loss on {lines[0][0].primary}")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0].set_xscale("log")
+    axes[0].ticklabel_format(axis="x", style="sci", scilimits=(0, 0))  # one exponent, no crowded labels
     fig.suptitle("Primary eval loss against the compute spent so far (one line per run)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
