@@ -115,6 +115,10 @@ class Store:
         """A binary stream of a file (S3: ranged reads of `block_size` with read-ahead)."""
         return self._call(self.fs.open, self.path(*parts), "rb", block_size=block_size)
 
+    def read_range(self, *parts: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file: one ranged GET on S3, retried as `read_bytes` is."""
+        return self._call(self.fs.cat_file, self.path(*parts), start=start, end=end)
+
     def size(self, *parts: str) -> int:
         return int(self._call(self.fs.size, self.path(*parts)) or 0)
 
