@@ -152,3 +152,30 @@ def test_a_shards_boundary_downloads_only_its_candidates_shards(sharded_pool, fe
     everything, _ = _boundary_fetches(remote, join(bucket, "samples"), "samples", fetches)
     n_shards = len(json.loads(store_for(join(remote, "pool")).read_bytes("index.json"))["shards"])
     assert len(everything) == n_shards                # the per-sample draw touches every shard
+
+
+def test_audit_column_check_reads_the_catalog_footer_only(tmp_path, monkeypatch):
+    """`stages.audit_by` is checked from the catalog's last 64 KiB, not the whole object; a size
+    lookup that reads 0 bytes (as under store faults) is retried."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from training.stage_loop import check_audit_column
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    table = pa.table({"sample_id": np.arange(n), "source": ["wiki"] * n,
+                      "preview": [rng.bytes(60).hex() for _ in range(n)]})   # ~600 KB, most of it previews
+    os.makedirs(tmp_path / "catalog")
+    path = tmp_path / "catalog" / "samples.parquet"
+    pq.write_table(table, path, row_group_size=500)
+    reads, sizes = [], iter([0])       # the first size lookup fails as 0 bytes
+    read_range, size = Store.read_range, Store.size
+    monkeypatch.setattr(Store, "read_bytes", lambda self, *parts: pytest.fail(f"whole read of {parts}"))
+    monkeypatch.setattr(Store, "size", lambda self, *parts: next(sizes, None) or size(self, *parts))
+    monkeypatch.setattr(Store, "read_range", lambda self, *parts, start, end:
+                        reads.append(end - start) or read_range(self, *parts, start=start, end=end))
+    check_audit_column(str(tmp_path), "source")
+    assert 0 < sum(reads) <= 64 << 10 and os.path.getsize(path) > 8 * sum(reads)
+    with pytest.raises(MatesError, match=r"`stages.audit_by` must be a catalog column \(sample_id, source, preview\)"):
+        check_audit_column(str(tmp_path), "topic")
