@@ -56,6 +56,15 @@ def shard_spans(shard_samples, *, count: int, per_stage: int, seed: int) -> list
     return spans
 
 
+def _ids_of(spans: list[tuple[int, int]], n: int) -> np.ndarray:
+    """The sorted ids of disjoint id ranges, filled in place (no concatenated or sorted copy)."""
+    out, at = np.empty(n, dtype=np.int64), 0
+    for a, b in sorted(spans):
+        out[at:at + b - a] = np.arange(a, b, dtype=np.int64)
+        at += b - a
+    return out
+
+
 def choose_mode(shard_samples, *, count: int, per_stage: int, seed: int, mode: str = "auto") -> str:
     """`samples` or `shards`: `mode` itself, or what `auto` picks (see the module docstring)."""
     if mode not in MODES:
@@ -73,8 +82,7 @@ def candidate_pools(shard_samples, *, count: int, per_stage: int, seed: int,
     sizes = np.asarray(shard_samples, dtype=np.int64)
     mode = choose_mode(sizes, count=count, per_stage=per_stage, seed=seed, mode=mode)
     if mode == "shards":
-        spans = shard_spans(sizes, count=count, per_stage=per_stage, seed=seed)
-        return [np.sort(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in s])) for s in spans]
+        return [_ids_of(s, per_stage) for s in shard_spans(sizes, count=count, per_stage=per_stage, seed=seed)]
     pool_size = int(sizes.sum())
     _check_size(pool_size, count, per_stage)
     order = np.random.default_rng([seed, 104729]).permutation(pool_size)
