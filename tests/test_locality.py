@@ -179,3 +179,31 @@ def test_audit_column_check_reads_the_catalog_footer_only(tmp_path, monkeypatch)
     assert 0 < sum(reads) <= 64 << 10 and os.path.getsize(path) > 8 * sum(reads)
     with pytest.raises(MatesError, match=r"`stages.audit_by` must be a catalog column \(sample_id, source, preview\)"):
         check_audit_column(str(tmp_path), "topic")
+
+
+def _index_samples(run: str, bucket: str) -> list[tuple[int, bytes]]:
+    index = MDSFolder(join(run, "stages", "1", "index", bucket))
+    return [(int(s["sample_id"]), s["tokens"].tobytes()) for s in index.iter_items(np.arange(len(index)))]
+
+
+def test_index_of_many_buckets_downloads_each_shard_once_when_they_outgrow_the_cache(sharded_pool, fetches,
+                                                                                   tmp_path):
+    """Four buckets spread over 4 shards, a cache of 1.5 shards: without the one-pass copy each
+    bucket would fetch every shard again (16 downloads); the index is the one the local pool gives."""
+    import pyarrow as pa
+
+    from curation.store.stage_index import write_stage_index
+
+    local, remote = sharded_pool
+    ids = np.arange(0, 4 * 460, 7)                       # the first 4 shards (~470 samples each)
+    selection = pa.table({"sample_id": ids, "bucket": [f"b{i % 4:03d}" for i in range(len(ids))],
+                          "weight": np.full(len(ids), 0.25), "selected": np.ones(len(ids), bool)})
+    shard_cache.set_limit(int(1.5 * 65536))
+    write_stage_index(selection, pool_url=join(remote, "pool"), run_url=str(tmp_path / "s3"), stage=1, method="t")
+    pool_fetches = [p for p, _ in fetches if "/pool/" in p]
+    assert len(pool_fetches) == len(set(pool_fetches)) == 4
+    write_stage_index(selection, pool_url=join(local, "pool"), run_url=str(tmp_path / "local"), stage=1, method="t")
+    for k in range(4):
+        got = _index_samples(str(tmp_path / "s3"), f"b{k:03d}")
+        assert [i for i, _ in got] == ids[k::4].tolist()
+        assert got == _index_samples(str(tmp_path / "local"), f"b{k:03d}")

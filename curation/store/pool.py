@@ -111,6 +111,14 @@ class MDSFolder:
             if get_hash(algo, data) != digest:
                 raise MatesError(f"`{self.url}/{basename}` fails its {algo} check (corrupted shard).")
 
+    def bytes_of(self, ids: np.ndarray) -> int:
+        """Bytes of the distinct shards holding the sample ids `ids`."""
+        shards = np.unique(np.searchsorted(self.starts, np.asarray(ids), side="right") - 1)
+        return int(sum(self.index["shards"][int(k)]["raw_data"]["bytes"] for k in shards))
+
+    def cache_limit(self) -> int:
+        return (self.cache or shared_cache()).limit
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise MatesError(f"`sample_id` {index} is outside the pool at {self.url} (0..{len(self) - 1}).")
