@@ -207,3 +207,21 @@ def test_index_of_many_buckets_downloads_each_shard_once_when_they_outgrow_the_c
         got = _index_samples(str(tmp_path / "s3"), f"b{k:03d}")
         assert [i for i, _ in got] == ids[k::4].tolist()
         assert got == _index_samples(str(tmp_path / "local"), f"b{k:03d}")
+
+
+def test_a_run_begun_before_the_key_resumes_drawing_per_sample(tmp_path):
+    """A run whose saved recipe.yaml predates `stages.candidates` keeps its per-sample draw on
+    resume: `auto` must not switch its later stages to shards."""
+    import yaml
+
+    from schemas.recipe import dump_recipe
+    from training.stage_loop import _resumed_mode
+
+    recipe = load_recipe(MICRO_RECIPE, {"run": str(tmp_path), "stages.candidates": "shards"})
+    assert _resumed_mode(recipe) == "shards"                    # a new run
+    saved = yaml.safe_load(dump_recipe(recipe))
+    store_for(str(tmp_path)).write_bytes(yaml.safe_dump(saved).encode(), "recipe.yaml")
+    assert _resumed_mode(recipe) == "shards"                    # begun with the key
+    del saved["stages"]["candidates"], saved["stages"]["cache_limit"]
+    store_for(str(tmp_path)).write_bytes(yaml.safe_dump(saved).encode(), "recipe.yaml")
+    assert _resumed_mode(recipe) == "samples"                   # begun before it

@@ -47,7 +47,7 @@ from curation.stage_job import n_selected, run_stage_job
 from curation.store import shard_cache
 from curation.store.catalog import catalog_columns
 from curation.store.pool import shard_samples
-from schemas import tables, training_keys
+from schemas import bounds, tables, training_keys
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
 from schemas.method_options import RandomOptions
@@ -115,7 +115,7 @@ class RunContext:
         st = recipe.stages
         sizes = shard_samples(join(recipe.data, "pool"))
         plan = {"count": st.count, "per_stage": st.pool_per_stage, "seed": recipe.seed}
-        self.candidate_mode = choose_mode(sizes, **plan, mode=st.candidates)
+        self.candidate_mode = choose_mode(sizes, **plan, mode=_resumed_mode(recipe))
         self.pools = candidate_pools(sizes, **plan, mode=self.candidate_mode)
         shard_cache.set_limit(st.cache_limit)
         self.device = dist_utils.device_name(recipe.device)
@@ -154,6 +154,16 @@ class RunContext:
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
                             state_url=state_url, device=self.device, log=self.log,
                             target=self.target if stage > 0 else None, audit_by=r.stages.audit_by)
+
+
+def _resumed_mode(recipe: Recipe) -> str:
+    """`stages.candidates`, but `samples` for a run begun before the key existed (its saved
+    recipe.yaml lacks it): `auto` could draw its later stages by shard."""
+    store = store_for(recipe.run)
+    if store.exists("recipe.yaml") and "candidates" not in (bounds.load_yaml(
+            store.read_bytes("recipe.yaml"), "recipe.yaml").get("stages") or {}):
+        return "samples"
+    return recipe.stages.candidates
 
 
 def _commit_recipe(recipe: Recipe) -> None:
