@@ -59,6 +59,16 @@ def parse_count(text: str, flag: str) -> int:
     return int(value)
 
 
+def parse_methods(text: str) -> list[str]:
+    """`mates@frozen,group_mates@frozen` -> the list; only the frozen-backbone entries are benched."""
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods or any(m not in METHODS for m in methods) or len(set(methods)) != len(methods):
+        from schemas.errors import MatesError
+
+        raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(METHODS)}; got {text!r}.")
+    return methods
+
+
 # ---------------------------------------------------------------- the child: one boundary
 class _RssSampler(threading.Thread):
     """Resident set size every 50 ms; `mark(msg)` closes a phase with the peak seen since the last mark."""

@@ -141,6 +141,11 @@ class _CountedStream:
         READS.add(self._path, len(data))
         return data
 
+    def read1(self, *args):
+        data = self._stream.read1(*args)
+        READS.add(self._path, len(data))
+        return data
+
     def readinto(self, buffer):
         n = self._stream.readinto(buffer)
         READS.add(self._path, n or 0)
