@@ -86,3 +86,15 @@ def test_bench_scale_tiny_writes_every_figure(tmp_path):
     # a second run reuses the generated folder (its stamp matches)
     again = bench_scale([2000], 500, [], scratch=str(tmp_path / "scratch"), out=None, log=lambda m: None)
     assert again["data"][0]["reused"] and again["rows"] == []
+
+
+def test_verdicts_fail_on_growth_and_on_a_failed_boundary():
+    from jobs.bench_scale import verdicts
+
+    rows = [{"n": 10, "method": "m", "peak_rss_mb": 100.0, "store_read_ratio": 1.2, "syscall_read_ratio": 1.4},
+            {"n": 100, "method": "m", "peak_rss_mb": 120.0, "store_read_ratio": 1.4, "syscall_read_ratio": 2.0}]
+    v = verdicts(rows)
+    assert v["rss_ratio"] == {"m": 1.2} and v["rss_pass"] and v["reads_pass"] and v["read_ratio_max"]["store"] == 1.4
+    rows[1] = {"n": 100, "method": "m", "peak_rss_mb": 900.0, "failed": "exit 1: MemoryError"}
+    v = verdicts(rows)
+    assert v["rss_ratio"] == {"m": 9.0} and not v["rss_pass"] and not v["reads_pass"] and len(v["failed"]) == 1
