@@ -25,9 +25,11 @@ half the candidates selected, one torch thread. Per (N, method):
 * `candidate_bytes` = candidates x (seq_len x 2 bytes of uint16 tokens + 384 x 2 bytes of fp16
   embedding): what a boundary that read only its candidates would read; the ratios are over it.
 
-A child may use at most 85% of the machine's memory (RLIMIT_AS): past it the boundary fails with
-MemoryError in its own process (not the kernel's OOM killer, which may pick another process), and
-its row says `failed` with the peak it reached; the bench goes on with the next one.
+A child may use at most 85% of the machine's memory (RLIMIT_DATA, its private writable memory,
+~1 GB above its RSS once torch is loaded; RLIMIT_AS would count the 3.6 GB of address space
+torch's libraries map): past it the boundary fails with MemoryError in its own process (not the
+kernel's OOM killer, which may pick another process), and its row says `failed` with the peak it
+reached; the bench goes on with the next one.
 
 Verdicts (issue 22): peak RSS at the largest size <= 1.3x that at the size below it (a
 boundary's memory does not grow with the pool), and bytes read per boundary <= 1.5x the
@@ -186,16 +188,16 @@ def _boundary(data: dict, method: str, n_candidates: int, *, scratch: str, n_pro
         json.dump(spec, handle)
     load = os.getloadavg()
     started = time.perf_counter()
-    cap = _address_space_cap()
+    cap = _memory_cap()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.bench_scale", "--child", spec["out"] + ".spec"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (cap, cap)))
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_DATA, (cap, cap)))
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage, not every child's maximum
     proc.returncode = os.waitstatus_to_exitcode(status)
     head = {"n": data["n"], "method": method, "candidates": n_candidates,
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "address_space_cap_gb": round(cap / 2 ** 30, 1)}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "data_cap_gb": round(cap / 2 ** 30, 1)}
     if proc.returncode:  # a boundary that runs out of memory is a result too: say so and go on
         lines = [line for line in err.strip().splitlines() if line.strip()] or ["(no output)"]
         log(f"  N={data['n']:>10,} {method:<19} FAILED ({proc.returncode}) at peak {head['peak_rss_mb']:,.0f} MB: "
@@ -216,9 +218,8 @@ def _boundary(data: dict, method: str, n_candidates: int, *, scratch: str, n_pro
     return row
 
 
-def _address_space_cap() -> int:
-    """85% of the machine's memory: a boundary that needs more fails with MemoryError in its own
-    process instead of waking the kernel's OOM killer, which may pick another process."""
+def _memory_cap() -> int:
+    """85% of the machine's memory, for RLIMIT_DATA (see the module docstring)."""
     with open("/proc/meminfo") as handle:
         total_kb = int(next(line for line in handle if line.startswith("MemTotal:")).split()[1])
     return int(0.85 * total_kb * 1024)
