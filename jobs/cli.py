@@ -115,14 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks (never run as timed tests)")
     p.add_argument("what", choices=["ingest", "ingest-memory", "train", "probe", "probe-memory", "score", "select",
-                                    "backbones", "bounds", "projection"])
+                                    "backbones", "bounds", "projection", "scale"])
     p.add_argument("--recipe", default="demo")
     p.add_argument("--run", help="backbones: a mates / group_mates run whose probes both backbones fit")
     p.add_argument("--stage", type=int, default=1, help="backbones: the committed stage whose probes to use")
-    p.add_argument("--out", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--out", default=None, help="scratch folder (default: a temporary one); scale: the JSON "
+                                               "(default training/results/bench/scale.json)")
     p.add_argument("--batches", type=int, default=None, help="train: batches per measured run (default 100)")
     p.add_argument("--rows", default=None, metavar="N,N,...",
                    help="select: pool sizes, each in its own process (default 100000,1000000,5000000)")
+    p.add_argument("--sizes", default="1e5,1e6,1e7", metavar="N,N,...", help="scale: synthetic pool sizes")
+    p.add_argument("--candidates", default="1e5", help="scale: candidates of each boundary")
+    p.add_argument("--methods", default="mates@frozen,group_mates@frozen", help="scale: one boundary of each")
+    p.add_argument("--dir", default=None, help="scale: scratch folder on local disk, kept and reused across runs "
+                                               "(default /tmp/mates-bench-scale; ~15 GB at 10^7)")
     return parser
 
 

@@ -303,6 +303,13 @@ def cmd_bench(args) -> int:
 
         bench_projection(out=args.out and os.path.join(args.out, "projection.json"), log=log)
         return 0
+    if args.what == "scale":  # its own synthetic data: no recipe
+        from jobs.bench_scale import RESULT, bench_scale, parse_count, parse_methods
+
+        sizes = [parse_count(n, "--sizes") for n in args.sizes.split(",")]
+        print(json.dumps(bench_scale(sizes, parse_count(args.candidates, "--candidates"), parse_methods(args.methods),
+                                     scratch=args.dir, out=args.out or RESULT, log=log)["verdicts"], indent=2))
+        return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
     if args.rows and args.what == "select":
         sizes = args.rows.split(",")

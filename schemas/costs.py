@@ -23,3 +23,13 @@ def stage_costs(marker: dict) -> dict[str, float]:
     if marker.get("curation_share_of_training") is not None:
         out["share"] = float(marker["curation_share_of_training"])
     return out
+
+
+def stage_compute(metrics_row: dict, marker: dict) -> tuple[float | None, float | None]:
+    """(FLOPs, seconds) a stage cost: its training (`metrics.parquet`'s `train_flops`,
+    `train_seconds`) plus the curation of the boundary that fed it (the marker's `curation_flops`,
+    `curation_seconds`); None for a unit a run written before the ledger lacks."""
+    def total(train, curation):
+        return None if train is None or curation is None else float(train) + float(curation)
+    return (total(metrics_row.get("train_flops"), marker.get("curation_flops", 0.0)),
+            total(metrics_row.get("train_seconds"), marker.get("curation_seconds", 0.0)))

@@ -8,6 +8,13 @@ Atomic writes. A table, an index or a marker is either there whole or not at all
 * local: written to a hidden temporary file in the same directory, then `os.replace`d;
 * S3: one PUT (or one multipart upload) is itself the commit, since an object only becomes
   visible once its upload completes; a failed upload leaves no object behind.
+
+Bytes read. Every read through this module is counted per path in `READS` (`bytes_read()`,
+`reset_reads()`): `Store.read_bytes` (and so `read_parquet`), `Store.get_file` (the file's size
+once fetched) and the streams of `Store.open_read` (the bytes their reads return, so pyarrow's
+ranged reads of the catalog count what they fetch, not the file's size). Not counted: code that
+opens a local path itself (mosaicml-streaming's shard reader behind `MDSFolder` on a local pool,
+DuckDB reading a local Parquet path). `mates bench scale` reads the counter per boundary.
 """
 from __future__ import annotations
 
@@ -15,6 +22,7 @@ import io
 import os
 import posixpath
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -88,6 +96,80 @@ def _new_s3_filesystem():
     return fs
 
 
+class ReadCounter:
+    """Bytes read through this module since the last reset, per path (a module-level instance)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()   # s3fs and pyarrow may read from other threads
+        self.by_path: dict[str, int] = {}
+
+    def add(self, path: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self.by_path[path] = self.by_path.get(path, 0) + int(n)
+
+    def total(self) -> int:
+        with self._lock:
+            return sum(self.by_path.values())
+
+    def reset(self) -> dict[str, int]:
+        """Start again from 0; returns what was counted."""
+        with self._lock:
+            seen, self.by_path = self.by_path, {}
+        return seen
+
+
+READS = ReadCounter()
+
+
+def bytes_read() -> int:
+    return READS.total()
+
+
+def reset_reads() -> dict[str, int]:
+    return READS.reset()
+
+
+class _CountedStream:
+    """A read stream that adds the bytes each read returns to `READS` (everything else delegated)."""
+
+    def __init__(self, stream, path: str):
+        self._stream, self._path = stream, path
+
+    def read(self, *args):
+        data = self._stream.read(*args)
+        READS.add(self._path, len(data))
+        return data
+
+    def read1(self, *args):
+        data = self._stream.read1(*args)
+        READS.add(self._path, len(data))
+        return data
+
+    def readinto(self, buffer):
+        n = self._stream.readinto(buffer)
+        READS.add(self._path, n or 0)
+        return n
+
+    def readline(self, *args):
+        line = self._stream.readline(*args)
+        READS.add(self._path, len(line))
+        return line
+
+    def __iter__(self):
+        return iter(self.readline, b"")
+
+    def __enter__(self):
+        self._stream.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._stream.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 @dataclass(frozen=True)
 class Store:
     """A filesystem and the root path inside it that a URL names."""
@@ -109,11 +191,14 @@ class Store:
         path = self.path(*parts)
         if not self._call(self.fs.exists, path):
             raise MatesError(f"`{self.url_of(*parts)}` does not exist.")
-        return self._call(self.fs.cat_file, path)
+        data = self._call(self.fs.cat_file, path)
+        READS.add(path, len(data))
+        return data
 
     def open_read(self, *parts: str, block_size: int = 8 << 20):
         """A binary stream of a file (S3: ranged reads of `block_size` with read-ahead)."""
-        return self._call(self.fs.open, self.path(*parts), "rb", block_size=block_size)
+        path = self.path(*parts)
+        return _CountedStream(self._call(self.fs.open, path, "rb", block_size=block_size), path)
 
     def read_range(self, *parts: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of a file: one ranged GET on S3, retried as `read_bytes` is."""
@@ -161,6 +246,7 @@ class Store:
     def get_file(self, local_path: str, *parts: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
         self._call(self.fs.get_file, self.path(*parts), local_path)
+        READS.add(self.path(*parts), os.path.getsize(local_path))
 
     def listdir(self, *parts: str) -> list[str]:
         """Basenames directly under a folder, sorted; [] when it does not exist."""

@@ -79,15 +79,16 @@ def curated_compute(run_url: str, stages: list[dict]) -> dict[str, list[float] |
     """{"flops", "seconds"}: cumulative training + curation of the curated stages at the end of
     stage 0, 1, ... (0 at stage 0: the warm-up is every method's); None without the ledger."""
     from curation.store.stage_index import read_stage_marker
+    from schemas.costs import stage_compute
 
     out = {"flops": [0.0], "seconds": [0.0]}
     for row in (r for r in stages if r["stage"] >= 1):
         marker = read_stage_marker(run_url, row["stage"])
-        for unit, train, curation in (("flops", row.get("train_flops"), marker.get("curation_flops")),
-                                      ("seconds", row.get("train_seconds"), marker.get("curation_seconds"))):
+        # a curated stage's marker must carry the ledger: a missing one is no cost of 0
+        marker = {k: marker.get(k) for k in ("curation_flops", "curation_seconds")}
+        for unit, cost in zip(("flops", "seconds"), stage_compute(row, marker)):
             if out[unit] is not None:
-                out[unit] = None if train is None or curation is None else \
-                    out[unit] + [out[unit][-1] + float(train) + float(curation)]
+                out[unit] = None if cost is None else out[unit] + [out[unit][-1] + cost]
     return out
 
 

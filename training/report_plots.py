@@ -241,14 +241,13 @@ def cumulative_compute(run: RunView) -> tuple[np.ndarray, np.ndarray, np.ndarray
     """(FLOPs, seconds, stage) at the end of each stage from stage 0 on: training plus the
     curation of every boundary so far (the ledger: `train_flops`, each marker's `curation_flops`
     and `curation_seconds`). None for a run written before the ledger."""
+    from schemas.costs import stage_compute
+
     rows = [m for m in run.metrics if m["stage"] >= 0]
-    if not rows or any(m.get("train_flops") is None for m in rows):
+    costs = [stage_compute(m, run.stages.get(m["stage"], {}).get("marker", {})) for m in rows]
+    if not rows or any(f is None or s is None for f, s in costs):
         return None
-    flops, seconds = [], []
-    for m in rows:
-        marker = run.stages.get(m["stage"], {}).get("marker", {})
-        flops.append(m["train_flops"] + float(marker.get("curation_flops", 0.0)))
-        seconds.append(m["train_seconds"] + float(marker.get("curation_seconds", 0.0)))
+    flops, seconds = zip(*costs)
     return np.cumsum(flops), np.cumsum(seconds), np.array([m["stage"] for m in rows])
 
 
