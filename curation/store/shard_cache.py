@@ -72,6 +72,12 @@ class ShardCache:
             if os.path.exists(path):
                 os.remove(path)
 
+    def set_limit(self, limit: int) -> None:
+        """A new bound; shards past it go at once."""
+        with self._lock:
+            self.limit = limit
+            self._make_room(0)
+
     def release(self) -> None:
         """Remove every held shard (a boundary is done); the cache stays usable."""
         with self._lock:
@@ -92,7 +98,4 @@ def shared_cache() -> ShardCache:
 
 def set_limit(limit: int) -> None:
     """Bound this process's cache to `limit` bytes (the recipe's `stages.cache_limit`)."""
-    cache = shared_cache()
-    with cache._lock:
-        cache.limit = limit
-        cache._make_room(0)
+    shared_cache().set_limit(limit)
