@@ -7,6 +7,11 @@ path, remote, proportion) and `streams.yaml` (an llm-foundry `streams:` block), 
 
 Within a bucket, samples keep the order of the selection table (sorted by sample id), so the
 same selection gives the same bytes.
+
+Each bucket is one pass over its members, and every bucket spans about all of the candidates'
+shards; a remote pool's shards are downloaded once while they fit the shard cache
+(`stages.cache_limit`), else once per bucket. So when they do not fit, the selected samples are
+first copied in one pass in id order to a local MDS folder, which the buckets read instead.
 """
 from __future__ import annotations
 
@@ -38,6 +43,25 @@ def read_stage_marker(run_url: str, stage: int) -> dict:
     return json.loads(store_for(stage_url(run_url, stage)).read_bytes("_SUCCESS"))
 
 
+def _bucket_source(pool: MDSFolder, ids: np.ndarray, n_buckets: int, tmp: str, stage: int):
+    """(what the buckets read, the sorted ids of a local copy or None: the pool itself); see the
+    module docstring for when the selection is copied first."""
+    if n_buckets < 2 or not pool.remote or pool.bytes_of(ids) <= pool.cache_limit():
+        return pool, None
+    from streaming import MDSWriter
+
+    ordered, out = np.sort(ids), os.path.join(tmp, "selected")
+    try:
+        write_fault(os.path.join(tmp, "scratch"))
+        with MDSWriter(out=out, columns=pool.columns(), compression=None, progress_bar=False) as writer:
+            for sample in pool.iter_items(ordered):
+                writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+    except OSError as exc:
+        raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
+                         f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
+    return MDSFolder(out), ordered
+
+
 def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage: int, method: str,
                       extra: dict | None = None, started: float | None = None,
                       train_seconds_expected: float | None = None) -> list[streams.StreamEntry]:
@@ -61,7 +85,9 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
     buckets = np.asarray(chosen.column("bucket").to_pylist(), dtype=object)
     weights = np.asarray(chosen.column("weight"))
     entries = []
-    with tempfile.TemporaryDirectory(prefix="mates-index-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="mates-index-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="mates-staged-") as staged:
+        source, staged_ids = _bucket_source(pool, ids, len(set(buckets)), staged, stage)
         for bucket in sorted(set(buckets)):
             streams.check_relative_name(bucket, f"selection bucket of stage {stage}")
             members = np.sort(ids[buckets == bucket])
@@ -70,7 +96,8 @@ def write_stage_index(selection: pa.Table, *, pool_url: str, run_url: str, stage
                 write_fault(os.path.join(tmp, "scratch"))
                 with MDSWriter(out=out_dir, columns=pool.columns(), compression=None, hashes=["sha1"],
                                progress_bar=False) as writer:
-                    for sample in pool.iter_items(members):
+                    at = members if staged_ids is None else np.searchsorted(staged_ids, members)
+                    for sample in source.iter_items(at):
                         writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
             except OSError as exc:
                 raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
