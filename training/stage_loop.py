@@ -352,13 +352,9 @@ def costs_table(run_url: str) -> str:
 
 def check_audit_column(data_url: str, column: str) -> None:
     """`stages.audit_by` must name a catalog column."""
-    import io
+    from curation.store.catalog import catalog_columns
 
-    import pyarrow.parquet as pq
-
-    # the whole object through read_bytes: its retries are the store's (a ranged read of the
-    # footer through fs.open does not retry a failed size lookup, and saw 0 bytes under faults)
-    names = pq.read_schema(io.BytesIO(store_for(data_url).read_bytes("catalog", "samples.parquet"))).names
+    names = catalog_columns(data_url)
     if column not in names:
         raise MatesError(f"`stages.audit_by` must be a catalog column ({', '.join(names)}); got {column!r}.")
 

@@ -184,6 +184,7 @@ class GroupMatesMethod(MatesMethod):
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         from curation.select import metadata
+        from curation.store.catalog import catalog_files
         from curation.select.clustering import cluster_embeddings, n_clusters_for
         from curation.select.greedy import select_per_cluster
         from curation.select.gumbel import standardized
@@ -198,8 +199,8 @@ class GroupMatesMethod(MatesMethod):
         self.clusters = labels
         scores = pa.table({"sample_id": ctx.candidates.astype(np.int64), "prediction": pred,
                            "cluster": labels})
-        catalog = join(ctx.data_url, "catalog", "samples.parquet")
-        con = metadata.connect(catalog)
+        catalog = catalog_files(ctx.data_url)                 # one Parquet file per pool part
+        con = metadata.connect(*catalog)
         eligible = labels.copy()
         if opts.dedup:  # a duplicate's copies are dropped: label -1 is never selected
             kept = set(metadata.dedup(con, scores, catalog).column("sample_id").to_pylist())
