@@ -16,6 +16,8 @@ whose ids are all unwanted costs its footer. The rows are then filtered on the i
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -29,7 +31,8 @@ from schemas.storage import join, store_for
 ID = "sample_id"
 FOLDER = "catalog"
 SINGLE = "samples.parquet"   # the one catalog file of a pool ingested before catalog parts
-ATTEMPTS = 3     # a ranged read has no retry of its own around the size lookup (see check_audit_column)
+READERS = 16    # catalog files read at once
+ATTEMPTS = 3     # a ranged read has no retry of its own around the size lookup (see catalog_columns)
 
 
 def catalog_names(data_url: str, *, missing_ok: bool = False) -> list[str]:
@@ -104,8 +107,12 @@ def read_catalog(data_url: str, columns: list[str] | None, ids=None, *, block_si
     the row groups that can hold an id are read."""
     wanted = None if ids is None else np.unique(np.asarray(ids, dtype=np.int64))
     names = None if columns is None else list(dict.fromkeys([ID, *columns]))
-    found = [_read_file(data_url, name, names, wanted, block_size) for name in catalog_names(data_url)]
-    found = [t for t in found if t is not None]
+    files = catalog_names(data_url)
+    # a pool has a catalog file per input file (10^2-10^4): their footers are fetched side by
+    # side, since one after another a boundary would wait a GET's latency per file
+    with ThreadPoolExecutor(max_workers=min(READERS, len(files))) as readers:
+        found = readers.map(lambda name: _read_file(data_url, name, names, wanted, block_size), files)
+        found = [t for t in found if t is not None]
     if not found:  # no file holds a wanted id
         return tables.CATALOG.empty_table().select(names or tables.CATALOG.names)
     table = pa.concat_tables(found)
