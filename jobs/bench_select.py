@@ -124,6 +124,8 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
     from curation.select import metadata
     from curation.select.clustering import cluster_embeddings
     from curation.select.greedy import select_per_cluster
+    from curation.data.pool_parts import catalog_file
+    from curation.store.catalog import catalog_files
     from schemas.storage import write_parquet
 
     phase = _Phases()
@@ -134,9 +136,9 @@ def _bench_select(n_rows, dim, k, budget_ratio, seed, global_rows, *, max_iter, 
         f"torch threads = {torch.get_num_threads()}")
     km, greedy_stats = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
-        write_parquet(catalog, tmp, "catalog", "samples.parquet")
-        catalog_url = f"{tmp}/catalog/samples.parquet"
-        con = metadata.connect(catalog_url)
+        write_parquet(catalog, tmp, "catalog", catalog_file(0))       # a one-part pool's catalog
+        catalog_url = catalog_files(tmp)
+        con = metadata.connect(*catalog_url)
         with phase("dedup"):
             kept = metadata.dedup(con, pa.table({"sample_id": ids, "prediction": scores}), catalog_url)
             keep = np.zeros(n_rows, dtype=bool)

@@ -17,7 +17,8 @@ def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
     return pa.schema(fields, metadata={"mates.table": name, "mates.version": FORMAT_VERSION})
 
 
-# <data>/catalog/samples.parquet: one row per sample (a fixed-length slice of one document).
+# <data>/catalog/part-<file>.parquet (one per pool part; older pools: one catalog/samples.parquet):
+# one row per sample (a fixed-length slice of one document).
 CATALOG = _schema("catalog", [
     pa.field("sample_id", pa.int64(), nullable=False),
     pa.field("doc_id", pa.string(), nullable=False),

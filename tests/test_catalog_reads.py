@@ -43,19 +43,21 @@ class _Recording(io.RawIOBase):
         super().close()
 
 
-@pytest.fixture
-def catalog(tmp_path, monkeypatch):
-    """A 5,000-row catalog in 10 row groups of 500 ids each (random previews: ~350 KB, most of it
-    the previews, as in a real catalog), and the list its reads land in."""
-    n = 5000
-    rng = np.random.default_rng(0)
-    table = tables.conform(pa.table({
+def _table(n: int, rng) -> pa.Table:
+    return tables.conform(pa.table({
         "sample_id": np.arange(n, dtype=np.int64), "doc_id": [f"d{i // 3}" for i in range(n)],
         "chunk": np.arange(n, dtype=np.int32) % 3, "shard": np.zeros(n, np.int32),
         "index_in_shard": np.arange(n, dtype=np.int32), "n_tokens": np.full(n, 64, np.int32),
         "source": [("wiki", "web", "code")[i % 3] for i in range(n)],
         "text_sha1": [rng.bytes(20).hex() for _ in range(n)], "preview": [rng.bytes(60).hex() for _ in range(n)]}),
         tables.CATALOG)
+
+
+@pytest.fixture
+def catalog(tmp_path, monkeypatch):
+    """A 5,000-row catalog in 10 row groups of 500 ids each (random previews: ~350 KB, most of it
+    the previews, as in a real catalog), and the list its reads land in."""
+    table = _table(5000, np.random.default_rng(0))
     os.makedirs(tmp_path / "data" / "catalog")
     path = str(tmp_path / "data" / "catalog" / "samples.parquet")
     pq.write_table(table, path, row_group_size=500, compression="zstd")
@@ -119,3 +121,25 @@ def test_whole_columns_without_ids_and_a_missing_column_is_one_line(catalog):
     assert sum(n for _, n in body) < 0.15 * os.path.getsize(path)
     with pytest.raises(MatesError, match="has no column 'topic'"):
         read_catalog(data, ["topic"], ids=[1])
+
+
+def test_catalog_parts_a_file_without_a_wanted_id_costs_its_footer(tmp_path, monkeypatch):
+    """A pool's catalog in 3 files (one per pool part): ids of the middle one read its chunks
+    only; the others give their footer and nothing more. Rows come back in id order."""
+    table = _table(3000, np.random.default_rng(1))
+    folder = tmp_path / "data" / "catalog"
+    os.makedirs(folder)
+    for part in range(3):   # part-00010 sorts after part-00002 by number, as the files go
+        rows = table.slice(1000 * part, 1000)
+        pq.write_table(rows, str(folder / f"part-{(0, 2, 10)[part]:05d}.parquet"), row_group_size=250)
+    reads: dict = {}
+    monkeypatch.setattr(Store, "open_read", lambda self, *parts, block_size=0:
+                        _Recording(self.path(*parts), reads.setdefault(parts[-1], [])))
+    assert catalog_mod.catalog_names(str(tmp_path / "data")) == \
+        ["part-00000.parquet", "part-00002.parquet", "part-00010.parquet"]
+    out = read_catalog(str(tmp_path / "data"), ["source"], ids=[1600, 1100, 1999])
+    assert out.column("sample_id").to_pylist() == [1100, 1600, 1999]
+    for name in ("part-00000.parquet", "part-00010.parquet"):   # the footer read, nothing else
+        assert len(reads[name]) == 1 and len(_body(reads[name], str(folder / name))) == 0
+    assert len(_body(reads["part-00002.parquet"], str(folder / "part-00002.parquet"))) > 0
+    assert read_catalog(str(tmp_path / "data"), None).equals(table)

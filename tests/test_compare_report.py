@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from curation.methods.dsir_method import log_importance_weights
+from curation.store.catalog import read_catalog
 from training.compare_tables import tokens_to_reach
 from tests.conftest import MICRO_RECIPE, mates
 
@@ -80,7 +81,7 @@ def comparison(local_pool, tmp_path_factory):
 
 
 def _sources(local_pool, ids):
-    catalog = pq.read_table(os.path.join(local_pool, "catalog", "samples.parquet")).to_pydict()
+    catalog = read_catalog(local_pool, ["source"]).to_pydict()
     source = dict(zip(catalog["sample_id"], catalog["source"]))
     return [source[i] for i in ids]
 

@@ -58,6 +58,7 @@ def test_stored_embedding_equals_the_encoders_pooled_output(local_pool, encoder,
     half = EmbeddingSettings(layers_kept=1, max_len=32, dtype="float16")
     _ensure(local_pool, ids, encoder, settings=half)
     got16 = EmbeddingStore(local_pool, half).load(ids[::-1])
+    assert got16.dtype == np.float16        # kept fp16: callers upcast a chunk at a time
     assert np.all(np.abs(got16 - want) <= np.abs(want) * 2.0 ** -11 + 1e-5)
     assert np.abs(got16 - want).max() > 0   # it really is stored in half precision
     with pytest.raises(MatesError, match="lacks the embeddings of 1 samples"):
@@ -77,7 +78,7 @@ def test_a_second_pass_computes_nothing_new_over_s3(s3_pool, encoder):
     # data-parallel: each of 2 ranks embeds its half of the missing ids
     halves = [_ensure(s3_pool, np.arange(40, 60), encoder, rank=r, world_size=2)[1]["computed"] for r in (0, 1)]
     assert halves == [10, 10]  # ranks 0 and 1 each own half of ids 40..59
-    assert np.array_equal(EmbeddingStore(s3_pool, SETTINGS).stored_ids(), np.arange(60))
+    assert np.array_equal(EmbeddingStore(s3_pool, SETTINGS).stored_ids(np.arange(99)), np.arange(60))
 
 
 @pytest.mark.slow
@@ -95,7 +96,7 @@ def test_killed_pass_resumes_without_recomputing_finished_parts(local_pool, tmp_
     killed = mates_process(*args, env={"MATES_FAILPOINT": "embed"}, timeout=300)
     assert killed.returncode == -9, killed.stderr[-2000:]
     store = EmbeddingStore(data, SETTINGS)
-    assert len(store.parts()) == 1 and np.array_equal(store.stored_ids(), np.arange(16))
+    assert len(store.parts()) == 1 and np.array_equal(store.stored_ids(np.arange(48)), np.arange(16))
     done = mates(*args)  # the next pass, in this process
     assert done.returncode == 0, done.stderr[-2000:]
     stats = json.loads(done.stdout.strip().splitlines()[-1])
@@ -141,6 +142,8 @@ def test_frozen_head_learns_and_scores_as_one_matrix_product(tmp_path):
     head.save(str(tmp_path / "head"))
     loaded = FrozenHead.load(str(tmp_path / "head"))
     assert np.abs(loaded.predict(emb) - head.predict(emb)).max() < 1e-12  # float64 weights saved
+    half = emb.astype(np.float16)                    # an fp16 store's rows, upcast chunk by chunk
+    assert np.array_equal(head.predict(half, chunk=7), half.astype(np.float64) @ w + b)
     assert (loaded.label_mean, loaded.label_std) == (metrics["label_mean"], metrics["label_std"])
     with pytest.raises(MatesError, match="at least 10"):
         fit_frozen_head(emb[:5], labels[:5], epochs=1, lr=1e-3, batch_size=4, seed=0)
@@ -196,3 +199,59 @@ def test_two_process_launcher_embeds_data_parallel(local_pool, tmp_path, encoder
     firsts = sorted(int(p.split("-")[1]) for p in store.parts())
     assert firsts == [0, 16, 20, 36]
     assert np.abs(store.load(np.arange(40)) - _direct(data, np.arange(40), encoder)).max() < 1e-5
+
+
+def _three_parts(tmp_path, dtype: str = "float32", dim: int = 8):
+    """A store of parts holding ids 0..19, 20..39 and 40..59 (random embeddings, no encoder)."""
+    data = tmp_path / "data"
+    (data / "pool").mkdir(parents=True)
+    (data / "pool" / "index.json").write_text("{}")   # the stamp names the pool by this file's sha1
+    store = EmbeddingStore(str(data), EmbeddingSettings(layers_kept=1, max_len=32, dtype=dtype))
+    store.store.write_bytes(json.dumps(store._expected(dim)).encode(), STAMP)
+    emb = np.random.default_rng(0).standard_normal((60, dim)).astype(np.float32)       # [60, D]
+    names = [store._write_part(np.arange(lo, lo + 20), emb[lo:lo + 20]) for lo in (0, 20, 40)]
+    return store, emb, names
+
+
+def _record_reads(monkeypatch) -> list:
+    reads, real = [], EmbeddingStore._read_part
+    monkeypatch.setattr(EmbeddingStore, "_read_part",
+                        lambda self, name, columns=None: reads.append((name, columns)) or real(self, name, columns))
+    return reads
+
+
+def test_load_reads_only_the_parts_whose_id_range_holds_the_ids(tmp_path, monkeypatch):
+    store, emb, names = _three_parts(tmp_path)
+    assert names[1].startswith("part-000000020-000000039-")
+    reads = _record_reads(monkeypatch)
+    ids = np.array([25, 21, 25, 39])                            # one part's, in any order, one twice
+    got = EmbeddingStore(store.data_url, store.settings).load(ids)
+    assert [name for name, _ in reads] == [names[1]]
+    assert got.dtype == np.float32 and np.array_equal(got, emb[ids])
+    reads.clear()
+    held = EmbeddingStore(store.data_url, store.settings).stored_ids(np.array([5, 45, 99]))
+    assert held.tolist() == [5, 45] and reads == [(names[0], ["sample_id"]), (names[2], ["sample_id"])]
+    # a part named by its first id only (before the ranges) is read by its footer's statistics
+    old = f"part-000000020-{names[1].split('-')[-1]}"
+    os.rename(os.path.join(store.url, names[1]), os.path.join(store.url, old))
+    reads.clear()
+    assert np.array_equal(EmbeddingStore(store.data_url, store.settings).load(ids), emb[ids])
+    assert [name for name, _ in reads] == [old]
+
+
+def test_fp16_store_loads_fp16_rows_equal_to_what_was_stored(tmp_path):
+    store, emb, _ = _three_parts(tmp_path, dtype="float16")
+    ids = np.array([59, 0, 33])
+    got = EmbeddingStore(store.data_url, store.settings).load(ids)
+    assert got.dtype == np.float16 and np.array_equal(got, emb[ids].astype(np.float16))
+    with pytest.raises(MatesError, match="lacks the embeddings of 1 samples .*sample_id 60"):
+        store.load(np.array([59, 60]))
+
+
+def test_unit_rows_normalise_fp16_rows_in_place_and_stay_fp16():
+    from curation.methods.group_mates_method import unit_rows
+
+    emb = np.random.default_rng(2).normal(size=(50, 16)).astype(np.float16)
+    want = emb.astype(np.float32) / np.linalg.norm(emb.astype(np.float32), axis=1, keepdims=True)
+    got = unit_rows(emb, chunk=7)
+    assert got is emb and got.dtype == np.float16 and np.abs(got - want).max() < 1e-3

@@ -69,7 +69,7 @@ def small_input(micro_corpus, local_pool, tmp_path_factory):
     ("ENOSPC:shard.00000.mds", "shard.00000.mds"),
     ("EIO:tokenizer.json", "tokenizer.json"),
     ("ENOSPC:targets/aim.parquet", "aim.parquet"),
-    ("ENOSPC:catalog/samples.parquet", "samples.parquet"),
+    ("ENOSPC:catalog/part-00000.parquet", "part-00000.parquet"),
     ("EIO:pool/index.json", "index.json"),
     ("ENOSPC:_SUCCESS", "_SUCCESS"),
 ])

@@ -15,6 +15,7 @@ import pytest
 
 import curation.data.ingest  # noqa: F401  (imported once here: the timed refusals time the refusal,
 import composer  # noqa: F401   not the first import of Composer that `mates ingest` pays)
+from curation.store.catalog import read_catalog
 from schemas import bounds
 from tests.conftest import MICRO_RECIPE, mates, mates_process
 
@@ -238,7 +239,7 @@ def test_same_named_files_in_two_folders_get_distinct_ids(local_pool, tmp_path):
     result = mates("ingest", "--input", str(corpus), "--data", str(tmp_path / "data"), "--tokenizer", tokenizer,
                    "--seq-len", "64")
     assert result.returncode == 0, result.stderr[-2000:]
-    catalog = pq.read_table(tmp_path / "data" / "catalog" / "samples.parquet")
+    catalog = read_catalog(str(tmp_path / "data"), None)
     docs = set(zip(catalog.column("doc_id").to_pylist(), catalog.column("chunk").to_pylist()))
     assert len(docs) == catalog.num_rows                      # no (doc, chunk) twice
     doc_ids = set(catalog.column("doc_id").to_pylist())

@@ -4,15 +4,15 @@ import json
 import os
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from curation.data.demo_corpus import demo_set_files
 from curation.data.ingest import ingest
 from curation.data.pool_parts import slice_bounds
 from curation.data.tokenizer import EOS, load_pool_tokenizer
+from curation.store.catalog import catalog_names, read_catalog
 from schemas.recipe import IngestConfig, TokenizerConfig
-from schemas.storage import join, read_parquet, store_for
+from schemas.storage import join, store_for
 from tests.conftest import mates
 
 CFG = IngestConfig(seq_len=64, min_tokens=8)
@@ -42,7 +42,8 @@ def test_slice_bounds_keep_full_slices_and_drop_short_tails():
 def test_catalog_matches_index_and_pool(local_pool):
     data, summary = local_pool
     index = json.loads(open(os.path.join(data, "pool", "index.json")).read())
-    catalog = pq.read_table(os.path.join(data, "catalog", "samples.parquet"))
+    assert catalog_names(data) == ["part-00000.parquet"]       # one catalog file per pool part
+    catalog = read_catalog(data, None)
     assert catalog.num_rows == sum(s["samples"] for s in index["shards"]) == summary.sequences
     assert catalog.column("sample_id").to_pylist() == list(range(catalog.num_rows))
     assert sum(summary.per_source.values()) == summary.sequences
@@ -54,7 +55,7 @@ def test_catalog_matches_index_and_pool(local_pool):
 def test_ingest_is_deterministic(micro_corpus, local_pool, tmp_path):
     data, _ = local_pool
     _ingest(micro_corpus, str(tmp_path))
-    for rel in ("pool/index.json", "pool/part-00000/shard.00000.mds", "catalog/samples.parquet", "tokenizer/tokenizer.json"):
+    for rel in ("pool/index.json", "pool/part-00000/shard.00000.mds", "catalog/part-00000.parquet", "tokenizer/tokenizer.json"):
         a, b = open(os.path.join(data, rel), "rb").read(), open(os.path.join(tmp_path, rel), "rb").read()
         assert hashlib.sha1(a).digest() == hashlib.sha1(b).digest(), rel
 
@@ -68,7 +69,7 @@ def test_s3_ingest_reads_back_through_streaming(micro_corpus, bucket, tmp_path):
     tok = load_pool_tokenizer(data)
     eos = tok.token_to_id(EOS)
     docs = {d["id"]: d["text"] for d in map(json.loads, open(os.path.join(micro_corpus, "corpus.jsonl")))}
-    catalog = read_parquet(data, "catalog", "samples.parquet").to_pylist()
+    catalog = read_catalog(data, None).to_pylist()
     dataset = StreamingDataset(remote=join(data, "pool"), local=str(tmp_path / "cache"), shuffle=False,
                                batch_size=1)
     assert len(dataset) == len(catalog)
@@ -92,7 +93,7 @@ def test_duckdb_counts_sources_over_s3(micro_corpus, bucket):
     summary = _ingest(micro_corpus, data)
     con = duckdb.connect()
     con.register_filesystem(s3fs.S3FileSystem(client_kwargs={"endpoint_url": os.environ["AWS_ENDPOINT_URL_S3"]}))
-    rows = con.execute(f"SELECT source, count(*) FROM read_parquet('{data}/catalog/samples.parquet') "
+    rows = con.execute(f"SELECT source, count(*) FROM read_parquet('{data}/catalog/part-*.parquet') "
                        f"GROUP BY source ORDER BY source").fetchall()
     assert dict(rows) == summary.per_source
 
@@ -108,7 +109,7 @@ def _assert_one_line_failure(result, *needles):
 
 def _assert_nothing_left(data_url):
     store = store_for(data_url)
-    assert not store.exists("pool", "index.json") and not store.exists("catalog", "samples.parquet")
+    assert not store.exists("pool", "index.json") and not store.listdir("catalog")
     assert not store.exists("_SUCCESS")
 
 
@@ -178,7 +179,7 @@ def test_shard_size_is_a_key_with_a_tens_of_mb_default(micro_corpus, local_pool,
     assert len(shards["small"]) >= 4
     assert all(s["raw_data"]["bytes"] <= 1 << 16 for s in shards["small"])
     assert sum(s["samples"] for s in shards["small"]) == shards["default"][0]["samples"]
-    ids = [np.asarray(read_parquet(d, "catalog", "samples.parquet").column("sample_id")) for d in (small, default)]
+    ids = [np.asarray(read_catalog(d, []).column("sample_id")) for d in (small, default)]
     assert np.array_equal(*ids)
 
     refused = str(tmp_path / "refused")

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.data.ingest import ingest
+from curation.store.catalog import catalog_names, read_catalog
 from schemas.errors import MatesError
 from schemas.recipe import IngestConfig, TokenizerConfig
 from tests.conftest import ROOT, free_port, mates
@@ -95,7 +96,8 @@ def test_one_and_two_ranks_write_the_same_pool(micro_corpus, tmp_path):
     ingest(corpus, pools[1], cfg=IngestConfig(seq_len=64), tokenizer_cfg=TOK)
     result = _launch(2, corpus, pools[2])
     assert result.returncode == 0, result.stderr[-3000:]
-    catalog = [pq.read_table(os.path.join(pools[n], "catalog", "samples.parquet")) for n in (1, 2)]
+    catalog = [read_catalog(pools[n], None) for n in (1, 2)]
+    assert catalog_names(pools[2]) == [f"part-{i:05d}.parquet" for i in range(N_FILES)]  # one per part
     assert catalog[0].column("sample_id").to_pylist() == list(range(catalog[0].num_rows))
     assert catalog[0].equals(catalog[1])
     index = json.load(open(os.path.join(pools[2], "pool", "index.json")))
@@ -103,7 +105,7 @@ def test_one_and_two_ranks_write_the_same_pool(micro_corpus, tmp_path):
     assert _pool_digest(pools[1]) == _pool_digest(pools[2])  # shards, index.json, catalog, tokenizer
     marker = json.load(open(os.path.join(pools[2], "_SUCCESS")))
     assert marker["summary"]["sequences"] == catalog[0].num_rows
-    assert not os.path.exists(os.path.join(pools[2], "_ingest"))  # rank 1's catalog parts, merged
+    assert not os.path.exists(os.path.join(pools[2], "_ingest"))  # no scratch left in the pool
 
 
 def test_truncated_gzip_is_one_line_naming_the_file(micro_corpus, tmp_path):
@@ -158,3 +160,46 @@ def test_compressed_parts_stream_from_s3(micro_corpus, tmp_path, bucket):
     remote = {rel: hashlib.sha1(store.read_bytes(rel)).hexdigest() for rel in store.walk_files()
               if rel.split("/")[0] in ("pool", "catalog", "tokenizer")}
     assert remote == _pool_digest(str(tmp_path / "data-local"))
+
+
+def test_each_pool_part_gets_its_own_catalog_file_and_every_reader_sees_them_all(micro_corpus, tmp_path):
+    """2 input files -> catalog/part-00000.parquet and part-00001.parquet, each written by its own
+    part's rank: together the pool's rows (consecutive ids; `shard` numbered as in the merged
+    index.json), read whole by `read_catalog` and `mates query`'s `samples`; a pool of the old
+    layout (one catalog/samples.parquet of the same rows) reads the same."""
+    import numpy as np
+
+    from curation.store.run_views import query
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    records = _records(micro_corpus)
+    for i in range(2):
+        _write(records[i * 120:(i + 1) * 120], str(folder / f"part-{i}.jsonl"))
+    data = str(tmp_path / "data")
+    summary = ingest(str(folder), data, cfg=CFG, tokenizer_cfg=TOK)
+    assert catalog_names(data) == ["part-00000.parquet", "part-00001.parquet"]
+    parts = [pq.read_table(os.path.join(data, "catalog", n)) for n in catalog_names(data)]
+    rows = pa.concat_tables(parts)
+    assert rows.column("sample_id").to_pylist() == list(range(summary.sequences))
+    shards = json.load(open(os.path.join(data, "pool", "index.json")))["shards"]
+    assert len(shards) > 2                                     # several shards per part
+    for file, part in enumerate(parts):
+        for shard in np.unique(part["shard"]):
+            inside = np.sort(part.filter(pa.compute.equal(part["shard"], shard))["index_in_shard"])
+            assert shards[shard]["raw_data"]["basename"].startswith(f"part-{file:05d}/")
+            assert inside.tolist() == list(range(shards[shard]["samples"]))
+    assert read_catalog(data, None).equals(rows)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.yaml").write_text(f"data: {data}\n")
+    seen = "SELECT count(*) AS n, count(DISTINCT sample_id) AS ids, max(sample_id) AS top FROM samples"
+    want = [{"n": rows.num_rows, "ids": rows.num_rows, "top": rows.num_rows - 1}]
+    assert query(str(run), seen, data_url=data).to_pylist() == want
+    old = tmp_path / "old"                                      # the layout before catalog parts
+    (old / "catalog").mkdir(parents=True)
+    pq.write_table(rows, old / "catalog" / "samples.parquet", row_group_size=100)
+    assert catalog_names(str(old)) == ["samples.parquet"]
+    assert read_catalog(str(old), ["source"], ids=[3, 150]).to_pylist() == \
+        rows.select(["sample_id", "source"]).take([3, 150]).to_pylist()
+    assert query(str(run), seen, data_url=str(old)).to_pylist() == want

@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from curation.store.catalog import read_catalog
 from schemas.storage import join, read_parquet, store_for
 from tests.conftest import MICRO_RECIPE, mates
 
@@ -104,7 +105,7 @@ def test_query_source_mix_over_s3(mates_run, s3_pool):
     lines = result.stdout.strip().splitlines()
     assert lines[0] == '"stage","source","n"'
     got = {(int(s), src.strip('"')): int(n) for s, src, n in (line.split(",") for line in lines[1:])}
-    catalog = read_parquet(s3_pool, "catalog", "samples.parquet")
+    catalog = read_catalog(s3_pool, ["source"])
     source = dict(zip(catalog.column("sample_id").to_pylist(), catalog.column("source").to_pylist()))
     for stage in (0, 1):
         sel = read_parquet(join(run, "stages", str(stage)), "selection.parquet")

@@ -7,9 +7,8 @@ import json
 import os
 import shutil
 
-import pyarrow.parquet as pq
-
 from curation.data.tokenizer import train_bpe
+from curation.store.catalog import read_catalog
 from jobs.cli import main
 from tests.conftest import MICRO_RECIPE
 
@@ -30,7 +29,7 @@ def test_every_command_takes_bare_relative_names(micro_corpus, tmp_path, monkeyp
     assert main(["ingest", "--input", "corpus.jsonl", "--data", "data", "--recipe", "micro.yaml",
                  "--target", "wiki_en=target.jsonl", "--eval", "wiki_en=eval/wiki_en.jsonl",
                  "--tokenizer", "tokenizer.json"]) == 0, capsys.readouterr().err
-    catalog = pq.read_table("data/catalog/samples.parquet")
+    catalog = read_catalog("data", None)
     assert catalog.num_rows == json.load(open("data/_SUCCESS"))["summary"]["sequences"] > 0
     assert json.load(open("data/tokenizer/tokenizer.json"))["model"]["vocab"] == \
         json.load(open("tokenizer.json"))["model"]["vocab"]

@@ -98,9 +98,9 @@ def test_group_mates_select_uses_cluster_size(local_pool):
     from curation.methods.base import StageContext
     from curation.methods.group_mates_method import GroupMatesMethod
     from schemas.method_options import GroupMatesOptions
-    from schemas.storage import read_parquet
+    from curation.store.catalog import read_catalog
 
-    ids = np.asarray(read_parquet(local_pool, "catalog", "samples.parquet").column("sample_id"))[:300]
+    ids = np.asarray(read_catalog(local_pool, []).column("sample_id"))[:300]
     x, _ = _topics(6, 50, dim=16)
     method = GroupMatesMethod()
     method.embeddings, method.alpha, method.beta = x.half(), 1.0, 1.0

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from curation.store.catalog import read_catalog
 from curation.store.stage_index import stage_committed, stage_url
 from schemas.errors import MatesError
 from schemas.recipe import load_recipe
@@ -58,7 +59,7 @@ def _concat(parts: list[dict]) -> dict | None:
 
 
 def sources_of(data_url: str) -> np.ndarray:
-    catalog = read_parquet(data_url, "catalog", "samples.parquet").select(["sample_id", "source"]).to_pydict()
+    catalog = read_catalog(data_url, ["source"]).to_pydict()            # two columns, not the previews
     out = np.empty(len(catalog["sample_id"]), dtype=object)
     out[np.asarray(catalog["sample_id"])] = catalog["source"]
     return out

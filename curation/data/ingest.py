@@ -16,20 +16,20 @@ the BPE on a deterministic sample of the input (`tokenizer.train_chars`, the fir
 every file) and hands it to the others. Each input file is one pool part (`pool/part-<file>/`,
 its own MDS folder, see `pool_parts.py`); files are dealt to ranks by size, each rank tokenizes
 its files, the ranks exchange per-file sample counts, and each part is written with its final
-ids. Rank 0 merges the parts' `index.json` with mosaicml-streaming's `merge_index` and the
-catalog parts into `catalog/samples.parquet`.
+ids, and its catalog rows as `catalog/part-<file>.parquet` (one catalog file per pool part:
+readers take the list, curation/store/catalog.py; no rank re-reads every part to write one file).
+Rank 0 merges the parts' `index.json` with mosaicml-streaming's `merge_index`.
 
 Atomicity. Everything is built in local scratch folders first; bad input on any rank stops every
-rank before any byte reaches `<data>`. Then each rank uploads its parts' shards (ranks > 0 also
-their catalog parts, under `<data>/_ingest/`), and rank 0 uploads the tokenizer, target and eval sets
-and catalog, the pool's `index.json` after every shard, and `<data>/_SUCCESS` (with the summary)
-last. A `<data>` without `_SUCCESS` is not a pool. An eval set that shares a document with a
+rank before any byte reaches `<data>`. Then rank 0 removes any catalog left by an ingest that
+died before its `_SUCCESS` (its parts would be read as this pool's), each rank uploads its parts'
+shards and catalog files, and rank 0 uploads the tokenizer, target and eval sets, the pool's
+`index.json` after every shard and catalog file, and `<data>/_SUCCESS` (with the summary) last. A `<data>` without `_SUCCESS` is not a pool. An eval set that shares a document with a
 target or the pool is bad input too (curation/data/sets.py): refused before anything is written.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
 import os
@@ -39,13 +39,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
-import pyarrow.parquet  # noqa: F401  (pa.parquet)
+import pyarrow.parquet as pq
 
 from curation.data import tokenizer as tokmod
-from curation.data.pool_parts import (POOL_COLUMNS, FileCounts, catalog_part, part_name, token_dtype,  # noqa: F401
-                                      tokenize_file, write_part)
+from curation.data.pool_parts import (POOL_COLUMNS, FileCounts, catalog_file, catalog_part, part_name,  # noqa: F401
+                                      token_dtype, tokenize_file, write_part)
 from curation.data.ranks import Ranks
 from curation.data.readers import doc_name, input_files, read_file
 from curation.data.sets import (EVAL, TARGETS, check_disjoint, read_set_file, refuse_pool_overlap,
@@ -119,30 +117,6 @@ def _train_or_load_tokenizer(files, tokenizer_cfg, default_source, checked, name
         return tokmod.load_tokenizer_file(tokenizer_cfg.path)
     return tokmod.train_bpe(_tokenizer_sample(files, tokenizer_cfg.train_chars, default_source, checked, names),
                             tokenizer_cfg.vocab_size)
-
-
-def _merge_catalog(parts: list[tuple[int, int, dict]], tmp: str, store, mine: set[int]) -> str:
-    """Rank 0: one catalog Parquet from every part's rows, in file order; returns its local path."""
-    import pyarrow.parquet as pq
-
-    path = os.path.join(tmp, "samples.parquet")
-    shard_offset = 0
-    with pq.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
-        for file_index, first_id, index in parts:
-            if file_index in mine:
-                batches = catalog_part(file_index, first_id, index, tmp, shard_offset)
-            else:  # written by another rank into <data>/_ingest/, shards counted from its part
-                other = pq.ParquetFile(io.BytesIO(store.read_bytes("_ingest", f"{part_name(file_index)}.parquet")))
-                batches = (_shifted(other.read_row_group(g), shard_offset) for g in range(other.num_row_groups))
-            for batch in batches:
-                writer.write_table(tables.conform(batch, tables.CATALOG))
-            shard_offset += len(index["shards"])
-    return path
-
-
-def _shifted(table: pa.Table, shard_offset: int) -> pa.Table:
-    column = table.schema.get_field_index("shard")
-    return table.set_column(column, "shard", pa.compute.add(table.column("shard"), shard_offset))
 
 
 def _merge_index(parts: list[tuple[int, int, dict]], tmp: str) -> str:
@@ -231,20 +205,20 @@ def ingest(input_url: str, data_url: str, *, cfg: IngestConfig, tokenizer_cfg: T
         # Commit: nothing above touched <data>. Remove a previous pool only now (with --force).
         if force and ranks.rank == 0:
             store.remove("_SUCCESS")
-            for sub in ("pool", "catalog", TARGETS, EVAL, "embeddings", "tokenizer"):
+            for sub in ("pool", TARGETS, EVAL, "embeddings", "tokenizer"):
                 store.remove(sub)
+        if ranks.rank == 0:  # a dead ingest's catalog files (and its old `_ingest/` scratch) go too
+            store.remove("catalog")
+            store.remove("_ingest")
         ranks.barrier()
-        summary.bytes_written = sum(ranks.collect(lambda: _upload_parts(store, tmp, mine, first_ids, indexes,
-                                                                        ranks.rank)))
+        summary.bytes_written = sum(ranks.collect(lambda: _upload_parts(store, tmp, mine, first_ids, indexes)))
         if ranks.rank == 0:
             tokmod.save_tokenizer(tok, data_url)
             eos = tok.token_to_id(tokmod.EOS)
             for role, sets in ((TARGETS, target_sets), (EVAL, eval_sets)):
                 for named in sets:
                     write_parquet(tokenize_set(tok, named, cfg.seq_len, eos), data_url, role, f"{named.name}.parquet")
-            store.put_file(_merge_catalog(parts, tmp, store, set(mine)), "catalog", "samples.parquet")
             store.put_file(_merge_index(parts, tmp), "pool", "index.json")
-            store.remove("_ingest")
             summary.seconds = time.perf_counter() - started
             marker = {"format": "mates-pool", "version": 2, "seq_len": cfg.seq_len,
                       "min_tokens": cfg.min_tokens, "vocab_size": tok.get_vocab_size(), "token_dtype": dtype,
@@ -281,8 +255,8 @@ def _add_counts(summary: IngestSummary, counts: list[FileCounts]) -> None:
     summary.per_source = dict(sorted(summary.per_source.items()))
 
 
-def _upload_parts(store, tmp: str, mine: list[int], first_ids: dict, indexes: dict, rank: int) -> int:
-    """Every rank uploads its own parts' shards; ranks > 0 also their catalog parts (for rank 0)."""
+def _upload_parts(store, tmp: str, mine: list[int], first_ids: dict, indexes: dict) -> int:
+    """Every rank uploads its own parts' shards and catalog files; returns the shards' bytes."""
     written = 0
     for i in mine:
         part_dir = os.path.join(tmp, "pool", part_name(i))
@@ -290,13 +264,20 @@ def _upload_parts(store, tmp: str, mine: list[int], first_ids: dict, indexes: di
             if name != "index.json":
                 written += os.path.getsize(os.path.join(part_dir, name))
                 store.put_file(os.path.join(part_dir, name), "pool", part_name(i), name)
-        if rank > 0:
-            path = os.path.join(tmp, f"{part_name(i)}.parquet")
-            with pa.parquet.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
-                for batch in catalog_part(i, first_ids[i], indexes[i], tmp):
-                    writer.write_table(tables.conform(batch, tables.CATALOG))
-            store.put_file(path, "_ingest", f"{part_name(i)}.parquet")
+        store.put_file(_catalog_file(i, first_ids[i], indexes, tmp), "catalog", catalog_file(i))
     return written
+
+
+def _catalog_file(file_index: int, first_id: int, indexes: dict, tmp: str) -> str:
+    """Part `file_index`'s catalog rows as a local Parquet file (a row group per scratch batch:
+    bounded memory); `shard` counts from the shards of the parts before it (the merged index's
+    numbering). Returns its path."""
+    shard_offset = sum(len(indexes[j]["shards"]) for j in indexes if j < file_index)
+    path = os.path.join(tmp, catalog_file(file_index))
+    with pq.ParquetWriter(path, tables.CATALOG, compression="zstd") as writer:
+        for batch in catalog_part(file_index, first_id, indexes[file_index], tmp, shard_offset):
+            writer.write_table(tables.conform(batch, tables.CATALOG))
+    return path
 
 
 def read_pool_marker(data_url: str) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import array
 import hashlib
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -67,6 +68,14 @@ def _part_paths(scratch: str, file_index: int) -> dict[str, str]:
 
 def part_name(file_index: int) -> str:
     return f"part-{file_index:05d}"
+
+
+def catalog_file(file_index: int) -> str:
+    """The name of pool part `file_index`'s catalog file under `<data>/catalog/`."""
+    return f"{part_name(file_index)}.parquet"
+
+
+CATALOG_FILE = re.compile(r"part-(\d+)\.parquet")   # catalog_file's names; group 1: the file index
 
 
 def slice_bounds(n_ids: int, seq_len: int, min_tokens: int) -> tuple[list[int], int]:

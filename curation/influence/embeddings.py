@@ -1,7 +1,7 @@
 """The embedding store: one pass of the frozen encoder over a pool, shared by every run and method.
 
     <data>/embeddings/<key>/embeddings.json      stamp: format, version, encoder settings, pool id
-    <data>/embeddings/<key>/part-<first id>-<sha1 of ids>.parquet   sample_id, embedding
+    <data>/embeddings/<key>/part-<first id>-<last id>-<sha1 of ids>.parquet   sample_id, embedding
 
 `<key>` names the encoder, the layers kept, the max length and the float type
 (`all-MiniLM-L6-v2-L2-len128-fp32`), so runs with other encoder settings get their own store.
@@ -15,7 +15,14 @@ Parts are append-only. A pass computes only the ids no part holds yet, in parts 
 and the next one resumes without recomputing them, and a store can hold any subset of the pool
 (only the candidates a run touches, say). Under the launcher each rank embeds the missing ids
 of its `shard_for_rank` slice of the wanted ids. Two passes racing over the same ids write the same
-values; a reader keeps one row per id. DuckDB reads the parts as they are:
+values; a reader keeps one row per id.
+
+Reads by need: a pool holds 10^8-10^9 samples and a boundary wants 10^5-10^8 of them, so nothing
+reads the whole store. `load(ids)` lists the parts, keeps those whose id range (in the name)
+overlaps the ids, reads them one at a time and keeps only the wanted rows, in the stored float
+type (an fp16 store stays fp16 until the caller's matrix product). `ensure` finds the missing ids
+among the wanted ones the same way, from the id column of the overlapping parts. DuckDB reads the
+parts as they are:
 `SELECT * FROM read_parquet('<data>/embeddings/<key>/part-*.parquet')`.
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +51,16 @@ STAMP = "embeddings.json"
 ENCODER = "all-MiniLM-L6-v2"
 PART_SIZE = 2048
 DTYPES = {"float32": "fp32", "float16": "fp16"}
+ID = "sample_id"
+PART_NAME = re.compile(r"part-(?P<first>\d+)-(?P<last>\d+)-[0-9a-f]{10}\.parquet")
+
+
+def _positions(wanted: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(where each of `ids` would sit in the sorted `wanted`, whether it is there)."""
+    pos = np.searchsorted(wanted, ids)
+    hit = pos < len(wanted)
+    hit[hit] = wanted[pos[hit]] == ids[hit]
+    return pos, hit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,9 +110,7 @@ class EmbeddingStore:
         self.data_url, self.settings, self.part_size = data_url.rstrip("/"), settings, int(part_size)
         self.url = store_url(self.data_url, settings)
         self.store = store_for(self.url)
-        self._ids = np.zeros(0, np.int64)                      # [M] sorted, unique
-        self._emb = np.zeros((0, 0), np.float32)               # [M, D]
-        self._parts_read: set[str] = set()
+        self._ranges: dict[str, tuple[int, int]] = {}           # part name -> [first, last] id
         self._encoder = None                                   # built on the first missing id
 
     # -- the stamp ------------------------------------------------------------------------
@@ -126,34 +142,47 @@ class EmbeddingStore:
     def parts(self) -> list[str]:
         return [p for p in self.store.listdir() if p.startswith("part-") and p.endswith(".parquet")]
 
-    def _refresh(self) -> None:
-        """Read the parts not read yet into the in-memory (ids, embeddings), one row per id."""
-        new = [p for p in self.parts() if p not in self._parts_read]
-        if not new:
-            return
-        stamp = self.stamp()
-        if stamp is None:
-            raise MatesError(f"`{self.url}` holds parts but no {STAMP}; remove it and embed again.")
-        schema = tables.embeddings_schema(stamp["dim"], stamp["dtype"])
-        ids, embs = [self._ids], [self._emb.reshape(-1, stamp["dim"])]
-        for name in new:
-            table = self._read_part(name)
-            tables.check_version(table, schema, f"{self.url}/{name}")
-            if table.schema.field("embedding").type != schema.field("embedding").type:
-                raise MatesError(f"`{self.url}/{name}` holds {table.schema.field('embedding').type}; the "
-                                 f"store's stamp says {schema.field('embedding').type}. Remove the part.")
-            flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            ids.append(np.asarray(table.column("sample_id"), dtype=np.int64))
-            embs.append(flat.astype(np.float32).reshape(-1, stamp["dim"]))
-            self._parts_read.add(name)
-        all_ids = np.concatenate(ids)
-        keep_ids, first = np.unique(all_ids, return_index=True)   # a racing pass may repeat ids
-        self._ids, self._emb = keep_ids, np.concatenate(embs)[first]
+    def part_ranges(self) -> dict[str, tuple[int, int]]:
+        """Each part's [first, last] sample id, from its name (`part-<first>-<last>-<sha1>`); a part
+        named by its first id only (mates before the ranges) gives them from its footer's
+        statistics, read once per store object. Only names are held, never the ids in the parts."""
+        out = {}
+        for name in self.parts():
+            if name not in self._ranges:
+                self._ranges[name] = self._range_of(name)
+            out[name] = self._ranges[name]
+        return out
 
-    def _read_part(self, name: str):
-        """One part; a part deleted or damaged under this run stops it with one line. Parts are
-        written atomically, so a damaged one was damaged from outside: it is removed, and the
-        rerun recomputes its embeddings (a deleted one is simply missing on the rerun)."""
+    def _range_of(self, name: str) -> tuple[int, int]:
+        import pyarrow.parquet as pq
+
+        named = PART_NAME.fullmatch(name)
+        if named:
+            return int(named["first"]), int(named["last"])
+        try:
+            with self.store.open_read(name, block_size=1 << 16) as handle:
+                meta = pq.read_metadata(handle)
+            stats = [meta.row_group(g).column(0).statistics for g in range(meta.num_row_groups)]
+            return min(int(s.min) for s in stats), max(int(s.max) for s in stats)
+        except (pa.ArrowException, OSError, TypeError, AttributeError, ValueError) as exc:
+            raise MatesError(f"`{self.url}/{name}` has no id range in its name nor readable id statistics "
+                             f"({type(exc).__name__}); remove `{self.url}` and run `mates embed` again.") from exc
+
+    def _overlapping(self, wanted: np.ndarray) -> list[str]:
+        """The parts whose id range holds at least one of the sorted `wanted` ids."""
+        out = []
+        for name, (first, last) in sorted(self.part_ranges().items(), key=lambda kv: kv[1]):
+            at = np.searchsorted(wanted, first)
+            if at < len(wanted) and wanted[at] <= last:
+                out.append(name)
+        return out
+
+    def _read_part(self, name: str, columns: list[str] | None = None) -> pa.Table:
+        """One part (`columns` of it); a part deleted or damaged under this run stops it with one
+        line. Parts are written atomically, so a damaged one was damaged from outside: it is
+        removed, and the rerun recomputes its embeddings (a deleted one is simply missing on the
+        rerun). A part is read whole (<= `part_size` rows, one GET) and parsed in memory, so a
+        network error can never pass for damage."""
         import pyarrow.parquet as pq
 
         try:
@@ -162,35 +191,71 @@ class EmbeddingStore:
             raise MatesError(f"`{self.url}/{name}` was listed but could not be read ({exc}); was the store "
                              f"deleted under this run? Rerun: missing embeddings are recomputed.") from exc
         try:
-            return pq.read_table(io.BytesIO(data))
+            table = pq.read_table(io.BytesIO(data), columns=columns)
         except (pa.ArrowException, OSError) as exc:
             self.store.remove(name)
             raise MatesError(f"`{self.url}/{name}` is damaged ({len(data):,} bytes, {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0][:120]}); removed it: rerun to recompute its "
                              f"embeddings.") from exc
+        tables.check_version(table, tables.EMBEDDINGS, f"{self.url}/{name}")
+        return table
 
-    def _merge(self, ids: np.ndarray, emb: np.ndarray) -> None:
-        """Add rows this process wrote (as stored: rounded to the store's dtype) to the cache."""
-        all_ids = np.concatenate([self._ids, ids])
-        keep_ids, first = np.unique(all_ids, return_index=True)
-        self._ids, self._emb = keep_ids, np.concatenate([self._emb.reshape(-1, emb.shape[1]), emb])[first]
+    def _checked_stamp(self) -> dict | None:
+        stamp = self.stamp()
+        if stamp is None and self.parts():
+            raise MatesError(f"`{self.url}` holds parts but no {STAMP}; remove it and embed again.")
+        return stamp
 
-    def stored_ids(self) -> np.ndarray:
-        self._refresh()
-        return self._ids.copy()
+    def _rows(self, name: str, stamp: dict, wanted: np.ndarray):
+        """(positions in the sorted `wanted`, their embeddings [n, D] as stored) that part `name` holds."""
+        table = self._read_part(name)
+        want_type = tables.embeddings_schema(stamp["dim"], stamp["dtype"]).field("embedding").type
+        if table.schema.field("embedding").type != want_type:
+            raise MatesError(f"`{self.url}/{name}` holds {table.schema.field('embedding').type}; the "
+                             f"store's stamp says {want_type}. Remove the part.")
+        pos, hit = _positions(wanted, np.asarray(table.column(ID), dtype=np.int64))
+        rows = table.column("embedding").take(pa.array(np.flatnonzero(hit))).combine_chunks()
+        flat = rows.flatten().to_numpy(zero_copy_only=False)                    # [n * D], the store's dtype
+        return pos[hit], flat.reshape(-1, stamp["dim"])
+
+    def stored_ids(self, sample_ids: np.ndarray) -> np.ndarray:
+        """The sorted unique `sample_ids` some part holds (only the id column of the parts whose
+        range overlaps them is read)."""
+        wanted = np.unique(np.asarray(sample_ids, dtype=np.int64))
+        held = np.zeros(len(wanted), bool)
+        if self._checked_stamp() is None:
+            return wanted[held]
+        for name in self._overlapping(wanted):
+            pos, hit = _positions(wanted, np.asarray(self._read_part(name, [ID]).column(ID), dtype=np.int64))
+            held[pos[hit]] = True
+        return wanted[held]
 
     def load(self, sample_ids: np.ndarray) -> np.ndarray:
-        """Embeddings [N, D] float32 of `sample_ids`, in order; every id must be stored."""
-        self._refresh()
+        """Embeddings [N, D] of `sample_ids`, in order, in the store's float type: an fp16 store
+        stays fp16 (half the bytes; callers upcast a chunk at a time at their matrix product).
+        Every id must be stored. Only the parts whose id range overlaps the ids are read, one at a
+        time, keeping only the wanted rows: memory is the result plus one part, whatever the pool."""
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
-        pos = np.searchsorted(self._ids, sample_ids)
-        found = (pos < len(self._ids)) & (self._ids[np.minimum(pos, max(len(self._ids) - 1, 0))] == sample_ids) \
-            if len(self._ids) else np.zeros(len(sample_ids), bool)
+        wanted, first, inverse = np.unique(sample_ids, return_index=True, return_inverse=True)
+        stamp = self._checked_stamp()
+        if stamp is None:
+            self._refuse_missing(sample_ids, np.zeros(len(sample_ids), bool))
+            return np.zeros((0, 0), np.float32)
+        out = np.empty((len(sample_ids), stamp["dim"]), np.dtype(stamp["dtype"]))          # [N, D]
+        found = np.zeros(len(wanted), bool)
+        for name in self._overlapping(wanted):
+            pos, rows = self._rows(name, stamp, wanted)
+            out[first[pos]], found[pos] = rows, True     # a racing pass may repeat ids: same values
+        self._refuse_missing(wanted, found)
+        repeats = np.flatnonzero(first[inverse] != np.arange(len(sample_ids)))  # ids asked twice
+        out[repeats] = out[first[inverse[repeats]]]
+        return out
+
+    def _refuse_missing(self, ids: np.ndarray, found: np.ndarray) -> None:
         if not np.all(found):
             raise MatesError(f"`{self.url}` lacks the embeddings of {int((~found).sum())} samples (e.g. "
-                             f"sample_id {int(sample_ids[~found][0])}); run `mates embed` or let curation "
+                             f"sample_id {int(ids[~found][0])}); run `mates embed` or let curation "
                              f"compute them.")
-        return self._emb[pos]
 
     # -- writing --------------------------------------------------------------------------
     def _write_part(self, ids: np.ndarray, emb: np.ndarray) -> str:
@@ -200,9 +265,8 @@ class EmbeddingStore:
         values = pa.array(emb.astype(np.dtype(self.settings.dtype)).ravel())
         column = pa.FixedSizeListArray.from_arrays(values, emb.shape[1]).cast(schema.field("embedding").type)
         table = pa.Table.from_arrays([pa.array(ids, pa.int64()), column], schema=schema)
-        name = f"part-{int(ids[0]):09d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:10]}.parquet"
+        name = f"part-{int(ids[0]):09d}-{int(ids[-1]):09d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:10]}.parquet"
         write_parquet(table, self.url, name)
-        self._parts_read.add(name)  # its rows go to the cache directly (`_merge`)
         return name
 
     def ensure(self, sample_ids: np.ndarray, *, pool, pool_tokenizer, rank: int = 0, world_size: int = 1,
@@ -222,7 +286,7 @@ class EmbeddingStore:
         # Split what is wanted, then drop what is stored: a rank's share never depends on how far
         # the others have got (splitting the missing ids would, and could leave ids to no rank).
         share = shard_for_rank(wanted, rank, world_size)
-        mine = np.setdiff1d(share, self.stored_ids(), assume_unique=True)
+        mine = np.setdiff1d(share, self.stored_ids(share), assume_unique=True)
         stats = {"computed": 0, "reused": int(len(share) - len(mine)), "parts_written": 0, "seconds": 0.0,
                  "tokens": 0}
         if len(mine) == 0:
@@ -248,7 +312,6 @@ class EmbeddingStore:
                 emb = pooled_embeddings(encoder, pool_texts(pool, ids, pool_tokenizer), batch_size=batch_size,
                                         device=device, on_batch=bar.update, counts=stats)
                 self._write_part(ids, emb)
-                self._merge(ids, emb.astype(np.dtype(self.settings.dtype)).astype(np.float32))
                 stats["computed"] += len(ids)
                 stats["parts_written"] += 1
                 failpoint("embed")

@@ -62,13 +62,18 @@ class FrozenHead(nn.Module):
         b = float(self.linear.bias.detach().double()) - float((w * self.mu.double()).sum())
         return w.cpu().numpy(), b
 
-    def predict(self, emb: np.ndarray) -> np.ndarray:
-        """Predictions [N] (z scale of the fitted labels) as one matrix product: E [N, D] @ w + b."""
+    def predict(self, emb: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+        """Predictions [N] (z scale of the fitted labels) as one matrix product: E [N, D] @ w + b.
+        `emb` may be fp16 (an fp16 store): `chunk` rows at a time are upcast to float64, so the
+        product never holds a float64 copy of all of E (8x an fp16 E's bytes)."""
         w, b = self.folded()
-        emb = np.asarray(emb, dtype=np.float64)
+        emb = np.asarray(emb)
         if emb.ndim != 2 or emb.shape[1] != self.dim:
             raise MatesError(f"`emb` must be [N, {self.dim}]; got shape {emb.shape}.")
-        return emb @ w + b
+        out = np.empty(emb.shape[0], np.float64)                                             # [N]
+        for start in range(0, emb.shape[0], chunk):
+            out[start:start + chunk] = emb[start:start + chunk].astype(np.float64) @ w + b
+        return out
 
     # -- persistence --------------------------------------------------------------------------
     def save(self, url: str) -> None:

@@ -30,6 +30,15 @@ from curation.store.pool import MDSFolder
 from schemas.storage import join, write_parquet
 
 
+def unit_rows(emb: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """`emb` [N, D] with each row L2-normalised, in place and in its own float type: an fp16 store's
+    rows stay fp16, each chunk's norm taken in float32 (an fp16 sum of squares loses bits)."""
+    for start in range(0, emb.shape[0], chunk):
+        rows = emb[start:start + chunk].astype(np.float32)                                  # [c, D]
+        emb[start:start + chunk] = rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
+    return emb
+
+
 class GroupMatesMethod(MatesMethod):
     name = "group_mates"
     # Clustering needs every candidate's embedding in one process: rank 0 scores them all.
@@ -121,8 +130,7 @@ class GroupMatesMethod(MatesMethod):
         from curation.influence.scoring import score_samples
 
         if self.frozen(ctx):
-            emb = self.stored_embeddings(ctx, pool, tokenizer, ids)
-            return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            return unit_rows(self.stored_embeddings(ctx, pool, tokenizer, ids))
         counts = {}
         _, emb = score_samples(model, pool, ids, tokenizer, batch_size=ctx.options.batch_size * 4,
                                device=ctx.device, with_embeddings=True, counts=counts)
@@ -176,6 +184,7 @@ class GroupMatesMethod(MatesMethod):
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         from curation.select import metadata
+        from curation.store.catalog import catalog_files
         from curation.select.clustering import cluster_embeddings, n_clusters_for
         from curation.select.greedy import select_per_cluster
         from curation.select.gumbel import standardized
@@ -190,8 +199,8 @@ class GroupMatesMethod(MatesMethod):
         self.clusters = labels
         scores = pa.table({"sample_id": ctx.candidates.astype(np.int64), "prediction": pred,
                            "cluster": labels})
-        catalog = join(ctx.data_url, "catalog", "samples.parquet")
-        con = metadata.connect(catalog)
+        catalog = catalog_files(ctx.data_url)                 # one Parquet file per pool part
+        con = metadata.connect(*catalog)
         eligible = labels.copy()
         if opts.dedup:  # a duplicate's copies are dropped: label -1 is never selected
             kept = set(metadata.dedup(con, scores, catalog).column("sample_id").to_pylist())

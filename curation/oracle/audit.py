@@ -19,9 +19,10 @@ import pyarrow as pa
 
 from curation.lm.batching import ReferenceSet
 from curation.influence.fitting import spearman
+from curation.store.catalog import catalog_columns, read_catalog
 from curation.store.pool import MDSFolder
 from schemas.errors import MatesError
-from schemas.storage import join, read_parquet
+from schemas.storage import join
 
 
 def stratified_probes(catalog: pa.Table, group_by: str, per_group: int, seed: int) -> dict[str, np.ndarray]:
@@ -51,9 +52,10 @@ def oracle_audit(state: dict, data_url: str, *, targets: dict[str, ReferenceSet]
     "seconds": {...}} for every target x method."""
     from curation.oracle.probes import probe_influence
 
-    catalog = read_parquet(data_url, "catalog", "samples.parquet")
-    if group_by not in catalog.column_names:
-        raise MatesError(f"`--group-by` must be a catalog column ({', '.join(catalog.column_names)}); got {group_by!r}.")
+    columns = catalog_columns(data_url)
+    if group_by not in columns:
+        raise MatesError(f"`--group-by` must be a catalog column ({', '.join(columns)}); got {group_by!r}.")
+    catalog = read_catalog(data_url, [group_by])               # two columns, not the previews
     drawn = stratified_probes(catalog, group_by, max(per_group.values()), seed)
     pool = MDSFolder(join(data_url, "pool"))
     rows, agreement, seconds = [], [], {}

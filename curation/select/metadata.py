@@ -4,8 +4,9 @@ per-cluster top-k and the selection manifest.
 The queries live in `curation/select/sql/*.sql`, one readable file each, over fixed view names (`scores`,
 `catalog`, `quotas`, `picked`) and DuckDB named parameters (`$budget`, ...). Every function here
 binds its inputs to those views, runs one file and returns an Arrow table. An input is either an
-Arrow table (registered zero-copy) or the URL of a Parquet object (a local path, `file://` or
-`s3://`, read by DuckDB itself; globs such as `.../scores/part-*.parquet` work too).
+Arrow table (registered zero-copy), the URL of a Parquet object (a local path, `file://` or
+`s3://`, read by DuckDB itself; globs such as `.../scores/part-*.parquet` work too) or a list of
+such URLs (a pool's catalog files, curation/store/catalog.py `catalog_files`).
 
 S3 goes through the same s3fs filesystem as `schemas.storage` (endpoint from the standard AWS
 variables), registered on the connection, so no DuckDB extension has to be downloaded.
@@ -23,7 +24,7 @@ from schemas import tables
 from schemas.errors import MatesError
 from schemas.storage import store_for
 
-Source = pa.Table | str          # an Arrow table, or the URL of Parquet object(s)
+Source = pa.Table | str | list   # an Arrow table, the URL of Parquet object(s), or a list of URLs
 QUOTA_MODES = ("size", "influence")
 
 
@@ -54,17 +55,22 @@ def _bind(con: duckdb.DuckDBPyConnection, name: str, source: Source) -> None:
     if isinstance(source, pa.Table):
         con.register(name, source)
         return
-    if not isinstance(source, str):
-        raise MatesError(f"`{name}` must be an Arrow table or a Parquet URL; got {type(source).__name__}.")
-    if source.startswith("s3://"):
-        _ensure_s3(con, source)
-        url = source
-    else:
-        url = store_for(source).root if "*" not in source else source.removeprefix("file://")
+    urls = source if isinstance(source, list) else [source]
+    if not urls or not all(isinstance(u, str) for u in urls):
+        raise MatesError(f"`{name}` must be an Arrow table, a Parquet URL or a non-empty list of them; "
+                         f"got {type(source).__name__}.")
     try:
-        con.read_parquet(url).create_view(name, replace=True)
+        con.read_parquet([_duckdb_path(con, u) for u in urls]).create_view(name, replace=True)
     except duckdb.Error as exc:
         raise MatesError(f"`{name}` Parquet {source!r} could not be read: {exc}") from exc
+
+
+def _duckdb_path(con: duckdb.DuckDBPyConnection, url: str) -> str:
+    """What DuckDB reads for `url`: s3:// through the registered s3fs, a local path as a path."""
+    if url.startswith("s3://"):
+        _ensure_s3(con, url)
+        return url
+    return store_for(url).root if "*" not in url else url.removeprefix("file://")
 
 
 def _run(con: duckdb.DuckDBPyConnection, name: str, **params) -> pa.Table:

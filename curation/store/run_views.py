@@ -17,6 +17,7 @@ import json
 import duckdb
 from fsspec.implementations.dirfs import DirFileSystem
 
+from curation.store.catalog import catalog_names
 from schemas.errors import MatesError
 from schemas.storage import join, store_for
 
@@ -84,8 +85,10 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
                 parts.append(f"SELECT {pick} FROM read_parquet([{files}])")
         if parts:
             con.execute(f"CREATE VIEW {table} AS " + " UNION ALL BY NAME ".join(parts))
-    if store_for(data_url).exists("catalog", "samples.parquet"):
-        con.execute("CREATE VIEW samples AS SELECT * FROM read_parquet('matesdata://catalog/samples.parquet')")
+    catalog = catalog_names(data_url, missing_ok=True)     # one file per pool part (or one old file)
+    if catalog:
+        files = ", ".join(f"'matesdata://catalog/{name}'" for name in catalog)
+        con.execute(f"CREATE VIEW samples AS SELECT * FROM read_parquet([{files}])")
     data_store = store_for(data_url)
     stores = [k for k in data_store.listdir("embeddings") if data_store.exists("embeddings", k, "embeddings.json")
               and any(p.startswith("part-") for p in data_store.listdir("embeddings", k))]
