@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from schemas import tables
 from schemas.errors import MatesError
+from schemas.shared_reads import for_duckdb
 from schemas.storage import store_for
 
 Source = pa.Table | str | list   # an Arrow table, the URL of Parquet object(s), or a list of URLs
@@ -36,7 +37,8 @@ def sql(name: str) -> str:
 
 def _ensure_s3(con: duckdb.DuckDBPyConnection, url: str) -> None:
     if not con.filesystem_is_registered("s3"):
-        con.register_filesystem(store_for(url).fs)      # s3fs, endpoint from schemas.storage.s3_endpoint()
+        # s3fs (endpoint from schemas.storage.s3_endpoint()), its read handles safe for DuckDB's threads
+        con.register_filesystem(for_duckdb(store_for(url).fs))
 
 
 def connect(*urls: str) -> duckdb.DuckDBPyConnection:

@@ -19,6 +19,7 @@ from fsspec.implementations.dirfs import DirFileSystem
 
 from curation.store.catalog import catalog_names
 from schemas.errors import MatesError
+from schemas.shared_reads import SharedReader
 from schemas.storage import join, store_for
 
 TABLES = ("probes", "trajectories", "scores", "selection", "audit")
@@ -41,7 +42,7 @@ class _ReadOnlyDir(DirFileSystem):
     def open(self, path, mode="rb", *args, **kwargs):
         if any(c in mode for c in "wax+"):
             self._refuse()
-        return super().open(path, mode, *args, **kwargs)
+        return SharedReader(super().open(path, mode, *args, **kwargs))
 
     _open = open
 
