@@ -8,11 +8,30 @@ from curation.store.pool import MDSFolder
 from schemas.storage import join
 
 
-def candidate_texts(ctx: StageContext) -> list[str]:
-    """The decoded text of every candidate of the stage, in `ctx.candidates` order."""
+def candidate_texts(ctx: StageContext, sample_ids=None) -> list[str]:
+    """The decoded text of every candidate of the stage (or of `sample_ids`), in their order."""
     from curation.influence.scoring import pool_texts
 
-    return pool_texts(MDSFolder(join(ctx.data_url, "pool")), ctx.candidates, load_pool_tokenizer(ctx.data_url))
+    ids = ctx.candidates if sample_ids is None else sample_ids
+    return pool_texts(MDSFolder(join(ctx.data_url, "pool")), ids, load_pool_tokenizer(ctx.data_url))
+
+
+class TextCache:
+    """The candidates' texts that rank 0 decoded to fit, kept for scoring the same ids (one process)."""
+
+    def __init__(self):
+        self.ids, self.texts = None, None
+
+    def fitted_on(self, ctx: StageContext) -> list[str]:
+        self.ids, self.texts = ctx.candidates, candidate_texts(ctx)
+        return self.texts
+
+    def of(self, ctx: StageContext, sample_ids) -> list[str]:
+        import numpy as np
+
+        if self.ids is not None and np.array_equal(self.ids, sample_ids):
+            return self.texts
+        return candidate_texts(ctx, sample_ids)
 
 
 def target_texts(ctx: StageContext, limit: int | None) -> list[str]:
