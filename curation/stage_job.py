@@ -80,29 +80,37 @@ def _parallel_predictions(ctx: StageContext, method, rank: int, world_size: int)
     (the raw `score_slice` values, in candidate order; the method's `finish` makes them predictions).
 
     No collective spans a phase: the ranks wait on files in the stage folder (rank_files.wait_for),
-    so rank 0's probing and fitting may take longer than the process group's timeout. A rank other
-    than 0 writes what else its slice gives rank 0 (`save_slice`) before its part, the part last."""
+    so rank 0's probing and fitting may take longer than the process group's timeout."""
     from curation.influence.scoring import shard_for_rank
 
     url = stage_url(ctx.run_url, ctx.stage)
-    store = store_for(url)
     if rank == 0:
         method.prepare(ctx)
-        store.write_bytes(b"{}", PREPARED)
+        store_for(url).write_bytes(b"{}", PREPARED)
     else:
         wait_for(url, PREPARED)
     mine = shard_for_rank(ctx.candidates, rank, world_size)
     scores = np.asarray(method.score_slice(ctx, mine), dtype=np.float64)
-    if rank != 0:  # what rank 0 needs of this slice, its exact scores and its share of the ledger
-        method.save_slice(ctx, rank)
-        write_array(url, f"scores-{rank:05d}", scores)   # the parquet part holds float32
-        store_for(join(url, "oracle")).write_bytes(
-            json.dumps({"flops": ctx.flops, "counts": _additive(ctx.metrics)}).encode(), _ledger_name(rank))
-    write_parquet(_scores_table(mine, scores), url, "scores", _part_name(rank))   # last: the rank is done
     if rank != 0:
-        return None
+        _hand_over(ctx, method, url, rank, scores)
+    write_parquet(_scores_table(mine, scores), url, "scores", _part_name(rank))   # last: this rank is done
+    return _gathered(ctx, url, scores, world_size) if rank == 0 else None
+
+
+def _hand_over(ctx: StageContext, method, url: str, rank: int, scores: np.ndarray) -> None:
+    """What rank 0 needs of this rank's slice: what the method keeps of it (`save_slice`), the exact
+    scores (the parquet part holds float32) and this rank's share of the compute ledger."""
+    method.save_slice(ctx, rank)
+    write_array(url, f"scores-{rank:05d}", scores)
+    store_for(join(url, "oracle")).write_bytes(
+        json.dumps({"flops": ctx.flops, "counts": _additive(ctx.metrics)}).encode(), _ledger_name(rank))
+
+
+def _gathered(ctx: StageContext, url: str, scores: np.ndarray, world_size: int) -> np.ndarray:
+    """Rank 0: its own slice's scores, then every other rank's once its part is written; the
+    ledger then counts every rank's scoring, not rank 0's slice alone."""
     slices = [scores]
-    for r in range(1, world_size):  # the ledger counts every rank's scoring, not rank 0's slice alone
+    for r in range(1, world_size):
         wait_for(url, "scores", _part_name(r))   # one object, written whole (schemas/storage.py)
         slices.append(read_array(url, f"scores-{r:05d}"))
         share = json.loads(store_for(join(url, "oracle")).read_bytes(_ledger_name(r)))
