@@ -190,7 +190,8 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     share of the stage index and rank 0 merges and commits it (`write_stage_index`).
     Past the one barrier below, ranks wait on files in the store, never at a collective: a boundary
     may take longer than any collective's timeout. A rank that fails writes ranks/failed-<rank>.txt
-    first, and every rank waiting on it raises naming it (curation/store/rank_files.py).
+    first, and every rank waiting on it raises naming it (curation/store/rank_files.py); the other
+    ranks return once rank 0 has committed the stage.
     """
     if stage_committed(ctx.run_url, ctx.stage):
         return {"skipped": True}
@@ -210,6 +211,7 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
         write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,
                           stage=ctx.stage, method=method_name, rank=rank, world_size=world_size, extra=extra,
                           started=started, train_seconds_expected=ctx.train_seconds_expected)
-    if rank != 0:
-        return {"skipped": False}
+        if rank != 0:  # returns with the stage committed on every rank, or raises naming the rank that failed
+            wait_for(url, "_SUCCESS")
+            return {"skipped": False}
     return {"skipped": False, "seconds": time.perf_counter() - started}

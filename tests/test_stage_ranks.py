@@ -102,25 +102,31 @@ def test_two_ranks_give_one_ranks_boundary(stage_runs, method):
 
 
 class _Failing:
-    """A data-parallel method whose `fail_on` rank raises (in `prepare` on rank 0, else in scoring)."""
+    """A data-parallel method that raises at `where`: rank 0's `prepare`, rank 1's slice, or rank 0's
+    selection (after rank 1 has written its share of the index and waits for the commit)."""
 
     name, parallel_scoring, n_buckets, standardize_for_selection = "failing", True, 2, False
 
-    def __init__(self, fail_on: int):
-        self.fail_on = fail_on
+    def __init__(self, where: str):
+        self.where = where
 
     def prepare(self, ctx):
-        if self.fail_on == 0:
+        if self.where == "prepare":
             raise ValueError("bad fit")
 
     def score_slice(self, ctx, ids):
-        if ids[0] != ctx.candidates[0] and self.fail_on == 1:
+        if ids[0] != ctx.candidates[0] and self.where == "slice":
             raise ValueError("bad slice")
         return np.asarray(ids, dtype=np.float64)
 
+    def select(self, ctx, pred):
+        if self.where == "select":
+            raise ValueError("bad selection")
+        return super().select(ctx, pred)
 
-@pytest.mark.parametrize("fail_on", [0, 1])
-def test_a_failing_rank_is_named_by_the_other(local_pool, tmp_path, monkeypatch, fail_on):
+
+@pytest.mark.parametrize("where, fail_on", [("prepare", 0), ("slice", 1), ("select", 0)])
+def test_a_failing_rank_is_named_by_the_other(local_pool, tmp_path, monkeypatch, where, fail_on):
     """Ranks in threads: the one that fails writes ranks/failed-<rank>.txt; the other raises
     naming it rather than wait on its marker; nothing is committed."""
     from curation import stage_job
@@ -131,7 +137,7 @@ def test_a_failing_rank_is_named_by_the_other(local_pool, tmp_path, monkeypatch,
     class Failing(_Failing, RandomMethod):
         pass
 
-    monkeypatch.setattr(stage_job, "get_method", lambda name: Failing(fail_on))
+    monkeypatch.setattr(stage_job, "get_method", lambda name: Failing(where))
     run, barrier, errors = str(tmp_path / "run"), threading.Barrier(2), {}
 
     def rank(r):
