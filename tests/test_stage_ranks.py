@@ -16,6 +16,7 @@ import pytest
 
 from schemas.storage import join, read_parquet, store_for
 from tests.conftest import MICRO_RECIPE, ROOT, free_port
+from tests.stage_ranks_worker import METHODS
 
 PARALLEL = {"perplexity", "dsir", "classifier", "mates", "group_mates"}   # score their slices on each rank
 
@@ -52,7 +53,8 @@ def _counts(marker: dict) -> dict:
 @pytest.fixture(scope="module")
 def stage_runs(local_pool, tmp_path_factory):
     """Every method's boundary on 2 ranks (2 processes, a gloo group), then on 1 rank in this process,
-    over one copy of the pool: the 2 ranks embed the candidates into its store, 1 rank reuses them."""
+    over one copy of the pool: the 2 ranks embed the candidates into its store (`@frozen`), 1 rank
+    reuses them."""
     from jobs.bench_probe import toy_probe_state
     from schemas.probe_state import save_probe_state
     from schemas.recipe import load_recipe
@@ -76,9 +78,10 @@ def stage_runs(local_pool, tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("method", ["random", "perplexity", "dsir", "classifier", "mates", "group_mates"])
-def test_two_ranks_give_one_ranks_boundary(stage_runs, method):
-    one, two = (join(str(stage_runs), n, method, "stages", "1") for n in ("one", "two"))
+@pytest.mark.parametrize("name", list(METHODS))
+def test_two_ranks_give_one_ranks_boundary(stage_runs, name):
+    method = METHODS[name][0]
+    one, two = (join(str(stage_runs), n, name, "stages", "1") for n in ("one", "two"))
     assert read_parquet(two, "selection.parquet").equals(read_parquet(one, "selection.parquet"))
     assert _scores(two).equals(_scores(one))   # predictions, clusters and global ranks
     assert read_parquet(two, "audit.parquet").equals(read_parquet(one, "audit.parquet"))
