@@ -1,6 +1,8 @@
 """Text views that the text-based baselines share: the stage's candidates and the target set."""
 from __future__ import annotations
 
+import numpy as np
+
 from curation.data.sets import TARGETS, load_set
 from curation.data.tokenizer import load_pool_tokenizer
 from curation.methods.base import StageContext
@@ -17,20 +19,21 @@ def candidate_texts(ctx: StageContext, sample_ids=None) -> list[str]:
 
 
 class TextCache:
-    """The candidates' texts that rank 0 decoded to fit, kept for scoring the same ids (one process)."""
+    """The candidates' texts that rank 0 decoded to fit, kept for scoring any of them (its own slice
+    of a launched run, or all of them in one process) without decoding them again."""
 
     def __init__(self):
         self.ids, self.texts = None, None
 
     def fitted_on(self, ctx: StageContext) -> list[str]:
-        self.ids, self.texts = ctx.candidates, candidate_texts(ctx)
+        self.ids, self.texts = np.asarray(ctx.candidates), candidate_texts(ctx)
         return self.texts
 
     def of(self, ctx: StageContext, sample_ids) -> list[str]:
-        import numpy as np
-
-        if self.ids is not None and np.array_equal(self.ids, sample_ids):
-            return self.texts
+        if self.ids is not None and len(self.ids):
+            at = np.minimum(np.searchsorted(self.ids, sample_ids), len(self.ids) - 1)  # candidates are sorted
+            if np.array_equal(self.ids[at], sample_ids):
+                return [self.texts[i] for i in at]
         return candidate_texts(ctx, sample_ids)
 
 
