@@ -118,8 +118,8 @@ def commit_stage_index(selection: pa.Table, shares: list[dict], *, run_url: str,
     selection = tables.conform(selection, tables.SELECTION)
     url = stage_url(run_url, stage)
     store = store_for(url)
-    entries = []
-    for bucket, members, proportion in _buckets(selection, stage):
+    entries, buckets = [], _buckets(selection, stage)
+    for bucket, members, proportion in buckets:
         if len(shares) > 1:  # the ranks' shards in rank order: the members' order, as one rank writes it
             merged = [shard for share in shares for shard in share[bucket]]
             store.write_bytes(json.dumps({"shards": merged, "version": 2}, sort_keys=True).encode(),
@@ -132,7 +132,7 @@ def commit_stage_index(selection: pa.Table, shares: list[dict], *, run_url: str,
     write_parquet(selection, url, "selection.parquet")
     failpoint("commit")
     marker = {"format": "mates-stage", "version": 1, "stage": stage, "method": method,
-              "selected": int(sum(len(m) for _, m, _ in _buckets(selection, stage))),
+              "selected": int(sum(len(members) for _, members, _ in buckets)),
               "candidates": int(selection.num_rows), **(extra or {}),
               "seconds_index": time.perf_counter() - (index_started or time.perf_counter())}
     if started is not None:
