@@ -24,16 +24,6 @@ from schemas.errors import MatesError
 from schemas.storage import join, read_parquet, store_for, write_parquet
 
 
-def candidate_pools(pool_size: int, *, count: int, per_stage: int, seed: int) -> list[np.ndarray]:
-    """`count` disjoint candidate pools of `per_stage` sample ids each (sorted within a pool)."""
-    need = count * per_stage
-    if pool_size < need:
-        raise MatesError(f"`stages.pool_per_stage` x `stages.count` = {need} candidates, but the pool "
-                         f"holds {pool_size} samples; lower them or ingest more text.")
-    order = np.random.default_rng([seed, 104729]).permutation(pool_size)
-    return [np.sort(order[k * per_stage:(k + 1) * per_stage]) for k in range(count)]
-
-
 def n_selected(n_candidates: int, ratio: float) -> int:
     return max(1, int(round(ratio * n_candidates)))
 

@@ -103,12 +103,15 @@ def _rchar() -> int:
         return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
 
 
-def _candidates(pool_size: int, n: int, seed: int):
-    """Stage 1's candidates as the stage loop draws them (stage 0's when the pool holds only one)."""
-    from curation.stage_job import candidate_pools
+def _candidates(data: str, n: int, seed: int):
+    """Stage 1's candidates as the stage loop draws them (stage 0's when the pool holds only one):
+    `stages.candidates: auto` over the pool's samples per shard (its index.json)."""
+    from curation.select.candidates import candidate_pools
+    from curation.store.pool import shard_samples
 
-    count = 2 if pool_size >= 2 * n else 1
-    return candidate_pools(pool_size, count=count, per_stage=n, seed=seed)[count - 1]
+    sizes = shard_samples(data.rstrip("/") + "/pool")
+    count = 2 if sum(sizes) >= 2 * n else 1
+    return candidate_pools(sizes, count=count, per_stage=n, seed=seed, mode="auto")[count - 1]
 
 
 def _by_folder(reads: dict, roots: dict) -> dict:
@@ -150,7 +153,7 @@ def run_child(spec: dict) -> dict:
     sampler.mark("imports")
     reset_reads()
     rchar0, t0 = _rchar(), time.perf_counter()
-    candidates = _candidates(spec["n"], spec["candidates"], spec["seed"])
+    candidates = _candidates(spec["data"], spec["candidates"], spec["seed"])
     seconds_candidates = time.perf_counter() - t0
     sampler.mark("candidates drawn")
     ctx = StageContext(run_url=spec["run"], data_url=spec["data"], stage=1, candidates=candidates,

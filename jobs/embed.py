@@ -25,17 +25,20 @@ def encoder_options(recipe, method: str | None):
     return options_for(recipe.stages, name)
 
 
-def ids_to_embed(recipe, pool_size: int, *, touched: bool = False, limit: int | None = None) -> np.ndarray:
+def ids_to_embed(recipe, shard_samples: list[int], *, touched: bool = False,
+                 limit: int | None = None) -> np.ndarray:
     """Every sample id, or (`touched`) the candidates of the recipe's curated stages (k >= 1: what
-    a run of it embeds); the first `limit` of them if given."""
-    from curation.stage_job import candidate_pools
+    a run of it embeds, `stages.candidates` as the run picks it); the first `limit` of them if given.
+    `shard_samples`: the pool's samples per shard (its index.json)."""
+    from curation.select.candidates import candidate_pools
 
     if touched:
         st = recipe.stages
-        pools = candidate_pools(pool_size, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
+        pools = candidate_pools(shard_samples, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed,
+                                mode=st.candidates)
         ids = np.sort(np.concatenate(pools[1:] or [np.zeros(0, np.int64)]))
     else:
-        ids = np.arange(pool_size, dtype=np.int64)
+        ids = np.arange(sum(shard_samples), dtype=np.int64)
     if limit is not None:
         if limit < 1:
             raise MatesError(f"`--limit` must be >= 1; got {limit}.")
@@ -52,14 +55,16 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
     from curation.methods.ledger import encoder_shape
     from curation.data.tokenizer import load_pool_tokenizer
     from curation.influence.embeddings import PART_SIZE, EmbeddingSettings, EmbeddingStore
-    from curation.store.pool import MDSFolder
+    from curation.store import shard_cache
+    from curation.store.pool import MDSFolder, shard_samples
     from schemas.storage import join
     from training import dist_utils
 
     dist_utils.init(recipe.device, timeout_s=recipe.dist_timeout_s)
     opts = encoder_options(recipe, method)
-    ids = ids_to_embed(recipe, int(read_pool_marker(recipe.data)["summary"]["sequences"]),
-                       touched=touched, limit=limit)
+    read_pool_marker(recipe.data)   # a folder without an ingested pool is one line
+    ids = ids_to_embed(recipe, shard_samples(join(recipe.data, "pool")), touched=touched, limit=limit)
+    shard_cache.set_limit(recipe.stages.cache_limit)
     settings = EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype)
     store = EmbeddingStore(recipe.data, settings, part_size=part_size or PART_SIZE)
     rank, world = dist_utils.rank(), dist_utils.world_size()

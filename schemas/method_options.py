@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from schemas.errors import MatesError
+
 
 @dataclass(kw_only=True)
 class RandomOptions:
@@ -99,3 +101,41 @@ class ClassifierOptions:
 METHOD_OPTIONS: dict[str, type] = {"random": RandomOptions, "mates": MatesOptions,
                                    "group_mates": GroupMatesOptions, "perplexity": PerplexityOptions,
                                    "dsir": DsirOptions, "classifier": ClassifierOptions}
+
+
+def _require(cond: bool, key: str, constraint: str, value) -> None:
+    if not cond:
+        raise MatesError(f"`{key}` must be {constraint}; got {value!r}.")
+
+
+def check_options(opts, where: str) -> None:
+    """The value checks of a method's options (types are the recipe's); `where` is their dotted key."""
+    _require(opts.temperature > 0, f"{where}.temperature", "> 0", opts.temperature)
+    if hasattr(opts, "n_probes"):
+        _require(opts.n_probes >= 1, f"{where}.n_probes", ">= 1", opts.n_probes)
+        _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
+        _require(opts.reference_batch >= 1, f"{where}.reference_batch", ">= 1", opts.reference_batch)
+        _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
+                 opts.encoder_layers)
+        _require(2 <= opts.encoder_max_len <= 512, f"{where}.encoder_max_len", "in [2, 512]",
+                 opts.encoder_max_len)
+        _require(opts.head_epochs >= 1, f"{where}.head_epochs", ">= 1", opts.head_epochs)
+        _require(opts.head_lr > 0, f"{where}.head_lr", "> 0", opts.head_lr)
+        _require(opts.head_batch_size >= 1, f"{where}.head_batch_size", ">= 1", opts.head_batch_size)
+    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target", "ngram_features"):
+        if hasattr(opts, key):
+            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
+    if hasattr(opts, "n_clusters"):
+        for key in ("trajectory_length", "cluster_size", "relational_epochs"):
+            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
+        _require(opts.trajectory_batch is None or opts.trajectory_batch >= 1, f"{where}.trajectory_batch",
+                 ">= 1 or null (1 on CUDA, 16 on the CPU)", opts.trajectory_batch)
+        _require(opts.trajectory_reference is None or opts.trajectory_reference >= 1,
+                 f"{where}.trajectory_reference", ">= 1 or null (every `max_target` example)",
+                 opts.trajectory_reference)
+        _require(opts.n_clusters is None or opts.n_clusters >= 1, f"{where}.n_clusters",
+                 f">= 1, or null for candidates / {where}.cluster_size", opts.n_clusters)
+        _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
+                 ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
+        _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",
+                 opts.quota_temperature)

@@ -21,7 +21,7 @@ import yaml
 
 from schemas import bounds, training_keys
 from schemas.errors import MatesError
-from schemas.method_options import METHOD_OPTIONS
+from schemas.method_options import METHOD_OPTIONS, check_options
 
 
 # ---------------------------------------------------------------- sections
@@ -99,6 +99,8 @@ class StagesConfig:
     method: str = "random"
     options: dict = field(default_factory=dict)
     audit_by: str = "source"          # catalog column the stage audit groups by
+    candidates: Literal["auto", "samples", "shards"] = "auto"  # curation/select/candidates.py
+    cache_limit: int = 8 << 30        # bytes of remote pool shards held on local disk (LRU)
 
 
 @dataclass(kw_only=True)
@@ -262,41 +264,13 @@ def _validate(recipe: Recipe) -> Recipe:
     _require(0 < st.selection_ratio <= 1, "stages.selection_ratio", "in (0, 1]", st.selection_ratio)
     _require(0 < st.warmup_ratio <= 1, "stages.warmup_ratio", "in (0, 1]", st.warmup_ratio)
     _require(st.pool_per_stage >= 1, "stages.pool_per_stage", ">= 1", st.pool_per_stage)
+    _require(st.cache_limit >= 0, "stages.cache_limit", ">= 0 bytes (0: only the shard being read)",
+             st.cache_limit)
     if st.method not in METHOD_OPTIONS:
         raise MatesError(f"`stages.method` must be one of {', '.join(sorted(METHOD_OPTIONS))}; "
                          f"got {st.method!r}.")
     recipe.method_options = _method_options(st)
-    opts = recipe.method_options
-    where = method_options_key(st)
-    _require(opts.temperature > 0, f"{where}.temperature", "> 0", opts.temperature)
-    if hasattr(opts, "n_probes"):
-        _require(opts.n_probes >= 1, f"{where}.n_probes", ">= 1", opts.n_probes)
-        _require(opts.probe_batch >= 1, f"{where}.probe_batch", ">= 1", opts.probe_batch)
-        _require(opts.reference_batch >= 1, f"{where}.reference_batch", ">= 1", opts.reference_batch)
-        _require(1 <= opts.encoder_layers <= 6, f"{where}.encoder_layers", "in [1, 6]",
-                 opts.encoder_layers)
-        _require(2 <= opts.encoder_max_len <= 512, f"{where}.encoder_max_len", "in [2, 512]",
-                 opts.encoder_max_len)
-        _require(opts.head_epochs >= 1, f"{where}.head_epochs", ">= 1", opts.head_epochs)
-        _require(opts.head_lr > 0, f"{where}.head_lr", "> 0", opts.head_lr)
-        _require(opts.head_batch_size >= 1, f"{where}.head_batch_size", ">= 1", opts.head_batch_size)
-    for key in ("n_features", "max_n", "dim", "epochs", "batch_size", "max_target", "ngram_features"):
-        if hasattr(opts, key):
-            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
-    if hasattr(opts, "n_clusters"):
-        for key in ("trajectory_length", "cluster_size", "relational_epochs"):
-            _require(getattr(opts, key) >= 1, f"{where}.{key}", ">= 1", getattr(opts, key))
-        _require(opts.trajectory_batch is None or opts.trajectory_batch >= 1, f"{where}.trajectory_batch",
-                 ">= 1 or null (1 on CUDA, 16 on the CPU)", opts.trajectory_batch)
-        _require(opts.trajectory_reference is None or opts.trajectory_reference >= 1,
-                 f"{where}.trajectory_reference", ">= 1 or null (every `max_target` example)",
-                 opts.trajectory_reference)
-        _require(opts.n_clusters is None or opts.n_clusters >= 1, f"{where}.n_clusters",
-                 f">= 1, or null for candidates / {where}.cluster_size", opts.n_clusters)
-        _require(opts.n_trajectories >= 10, f"{where}.n_trajectories",
-                 ">= 10 (a 90/10 split needs one held-out trajectory)", opts.n_trajectories)
-        _require(opts.quota_temperature > 0, f"{where}.quota_temperature", "> 0",
-                 opts.quota_temperature)
+    check_options(recipe.method_options, method_options_key(st))
     _require(m.d_model % m.n_heads == 0, "model.n_heads", f"a divisor of model.d_model={m.d_model}",
              m.n_heads)
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):

@@ -10,7 +10,7 @@ Atomic writes. A table, an index or a marker is either there whole or not at all
   visible once its upload completes; a failed upload leaves no object behind.
 
 Bytes read. Every read through this module is counted per path in `READS` (`bytes_read()`,
-`reset_reads()`): `Store.read_bytes` (and so `read_parquet`), `Store.get_file` (the file's size
+`reset_reads()`): `Store.read_bytes` (and so `read_parquet`), `Store.read_range`, `Store.get_file` (the file's size
 once fetched) and the streams of `Store.open_read` (the bytes their reads return, so pyarrow's
 ranged reads of the catalog count what they fetch, not the file's size). Not counted: code that
 opens a local path itself (mosaicml-streaming's shard reader behind `MDSFolder` on a local pool,
@@ -199,6 +199,13 @@ class Store:
         """A binary stream of a file (S3: ranged reads of `block_size` with read-ahead)."""
         path = self.path(*parts)
         return _CountedStream(self._call(self.fs.open, path, "rb", block_size=block_size), path)
+
+    def read_range(self, *parts: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of a file: one ranged GET on S3, retried as `read_bytes` is."""
+        path = self.path(*parts)
+        data = self._call(self.fs.cat_file, path, start=start, end=end)
+        READS.add(path, len(data))
+        return data
 
     def size(self, *parts: str) -> int:
         return int(self._call(self.fs.size, self.path(*parts)) or 0)

@@ -160,19 +160,19 @@ def test_cross_validated_spearman_scores_only_probes_the_head_never_saw():
 
 
 def test_touched_ids_are_the_curated_stages_candidates():
-    from curation.stage_job import candidate_pools
+    from curation.select.candidates import candidate_pools
     from jobs.embed import ids_to_embed
     from schemas.recipe import load_recipe
     from tests.conftest import MICRO_RECIPE
 
     recipe = load_recipe(MICRO_RECIPE, {"stages.count": 3, "stages.batches": [30, 20, 20]})
-    pools = candidate_pools(5000, count=3, per_stage=400, seed=recipe.seed)
-    touched = ids_to_embed(recipe, 5000, touched=True)
+    pools = candidate_pools([5000], count=3, per_stage=400, seed=recipe.seed)
+    touched = ids_to_embed(recipe, [2500, 2500], touched=True)   # auto: samples (2 shards)
     assert np.array_equal(touched, np.sort(np.concatenate(pools[1:])))  # stage 0 is random: not embedded
     assert len(np.intersect1d(touched, pools[0])) == 0 and len(touched) == 800
-    assert np.array_equal(ids_to_embed(recipe, 5000, limit=7), np.arange(7))
+    assert np.array_equal(ids_to_embed(recipe, [5000], limit=7), np.arange(7))
     with pytest.raises(MatesError, match="`--limit` must be >= 1"):
-        ids_to_embed(recipe, 5000, limit=0)
+        ids_to_embed(recipe, [5000], limit=0)
 
 
 @pytest.mark.slow

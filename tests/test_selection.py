@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from curation.select.gumbel import gumbel_top_k, ranks, score_buckets
-from curation.stage_job import candidate_pools, n_selected
+from curation.select.candidates import candidate_pools
+from curation.stage_job import n_selected
 from schemas.errors import MatesError
 
 
@@ -48,10 +49,10 @@ def test_score_buckets_split_by_score_and_weights_sum_to_one():
 
 
 def test_candidate_pools_disjoint_and_checked():
-    pools = candidate_pools(1000, count=3, per_stage=300, seed=5)
+    pools = candidate_pools([1000], count=3, per_stage=300, seed=5)
     assert sum(len(p) for p in pools) == len(set(np.concatenate(pools))) == 900
     with pytest.raises(MatesError, match="pool_per_stage"):
-        candidate_pools(100, count=3, per_stage=50, seed=5)
+        candidate_pools([60, 40], count=3, per_stage=50, seed=5)
     assert n_selected(400, 0.5) == 200 and n_selected(3, 0.01) == 1
 
 

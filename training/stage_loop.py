@@ -42,8 +42,12 @@ from curation.data.tokenizer import EOS, load_pool_tokenizer
 from curation.store.stage_index import read_stage_streams, stage_committed, stage_url
 from curation.methods.base import StageContext
 from curation.oracle.probes import probe_state_from_optimizer
-from curation.stage_job import candidate_pools, n_selected, run_stage_job
-from schemas import tables, training_keys
+from curation.select.candidates import candidate_pools, choose_mode
+from curation.stage_job import n_selected, run_stage_job
+from curation.store import shard_cache
+from curation.store.catalog import catalog_columns
+from curation.store.pool import shard_samples
+from schemas import bounds, tables, training_keys
 from schemas.errors import MatesError
 from schemas.probe_state import load_probe_state, save_probe_state
 from schemas.method_options import RandomOptions
@@ -108,9 +112,12 @@ class RunContext:
         if self.pool_marker["seq_len"] > recipe.model.max_seq_len:
             raise MatesError(f"`model.max_seq_len` is {recipe.model.max_seq_len} but the pool at "
                              f"{recipe.data} holds sequences of up to {self.pool_marker['seq_len']} tokens.")
-        pool_size = int(self.pool_marker["summary"]["sequences"])
         st = recipe.stages
-        self.pools = candidate_pools(pool_size, count=st.count, per_stage=st.pool_per_stage, seed=recipe.seed)
+        sizes = shard_samples(join(recipe.data, "pool"))
+        plan = {"count": st.count, "per_stage": st.pool_per_stage, "seed": recipe.seed}
+        self.candidate_mode = choose_mode(sizes, **plan, mode=_resumed_mode(recipe))
+        self.pools = candidate_pools(sizes, **plan, mode=self.candidate_mode)
+        shard_cache.set_limit(st.cache_limit)
         self.device = dist_utils.device_name(recipe.device)
         self.target = None
         if hasattr(recipe.method_options, "target"):
@@ -147,6 +154,16 @@ class RunContext:
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
                             state_url=state_url, device=self.device, log=self.log,
                             target=self.target if stage > 0 else None, audit_by=r.stages.audit_by)
+
+
+def _resumed_mode(recipe: Recipe) -> str:
+    """`stages.candidates`, but `samples` for a run begun before the key existed (its saved
+    recipe.yaml lacks it): `auto` could draw its later stages by shard."""
+    store = store_for(recipe.run)
+    if store.exists("recipe.yaml") and "candidates" not in (bounds.load_yaml(
+            store.read_bytes("recipe.yaml"), "recipe.yaml").get("stages") or {}):
+        return "samples"
+    return recipe.stages.candidates
 
 
 def _commit_recipe(recipe: Recipe) -> None:
@@ -258,9 +275,13 @@ def curate_if_needed(ctx: RunContext, stage: int) -> float:
     t0 = time.perf_counter()
     rank = dist_utils.rank()
     if rank == 0:
-        ctx.log(f"stage {stage}: curating {len(ctx.pools[stage])} candidates with `{method}`")
-    run_stage_job(ctx.stage_context(stage), method, rank=rank, world_size=dist_utils.world_size(),
-                  barrier=dist_utils.barrier)
+        ctx.log(f"stage {stage}: curating {len(ctx.pools[stage])} candidates ({ctx.candidate_mode}) "
+                f"with `{method}`")
+    try:
+        run_stage_job(ctx.stage_context(stage), method, rank=rank, world_size=dist_utils.world_size(),
+                      barrier=dist_utils.barrier)
+    finally:  # the boundary's pool shards go with it: the next stage reads other shards
+        shard_cache.shared_cache().release()
     return time.perf_counter() - t0
 
 
@@ -351,14 +372,8 @@ def costs_table(run_url: str) -> str:
 
 
 def check_audit_column(data_url: str, column: str) -> None:
-    """`stages.audit_by` must name a catalog column."""
-    import io
-
-    import pyarrow.parquet as pq
-
-    # the whole object through read_bytes: its retries are the store's (a ranged read of the
-    # footer through fs.open does not retry a failed size lookup, and saw 0 bytes under faults)
-    names = pq.read_schema(io.BytesIO(store_for(data_url).read_bytes("catalog", "samples.parquet"))).names
+    """`stages.audit_by` must name a catalog column (read from the catalog's footer alone)."""
+    names = catalog_columns(data_url)
     if column not in names:
         raise MatesError(f"`stages.audit_by` must be a catalog column ({', '.join(names)}); got {column!r}.")
 

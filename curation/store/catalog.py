@@ -10,6 +10,9 @@ object to keep two columns.
 """
 from __future__ import annotations
 
+import io
+import struct
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -19,7 +22,30 @@ from schemas.errors import MatesError
 from schemas.storage import store_for
 
 ID = "sample_id"
-ATTEMPTS = 3     # a ranged read has no retry of its own around the size lookup (see check_audit_column)
+ATTEMPTS = 3     # fs.open's ranged reads have no retry of their own around the size lookup
+FOOTER_READ = 64 << 10   # the tail read for the footer (pyarrow's own first read is this size)
+
+
+def catalog_columns(data_url: str) -> list[str]:
+    """The catalog's column names from its footer alone: a size lookup and a ranged read of the
+    last 64 KiB (more only when the footer is longer), each retried by the store; a size or tail
+    that is not a Parquet footer (a failed lookup has read as 0 bytes under faults) is read again."""
+    store, parts = store_for(data_url), ("catalog", "samples.parquet")
+    error = None
+    for _ in range(ATTEMPTS):
+        try:
+            size = store.size(*parts)
+            tail = store.read_range(*parts, start=max(0, size - FOOTER_READ), end=size)
+            if size < 12 or len(tail) < 8 or tail[-4:] != b"PAR1":
+                raise ValueError(f"{size} bytes, not ending in a Parquet footer")
+            need = struct.unpack("<I", tail[-8:-4])[0] + 8
+            if need > len(tail):
+                tail = store.read_range(*parts, start=max(0, size - need), end=size)
+            # the footer alone, behind the leading magic: enough for pyarrow to read the schema
+            return pq.read_schema(io.BytesIO(b"PAR1" + tail[-need:])).names
+        except (OSError, ValueError) as exc:   # ArrowInvalid is a ValueError
+            error = exc
+    raise MatesError(f"`{store.url_of(*parts)}` has no readable Parquet footer: {error}")
 
 
 def row_groups_for(metadata: pq.FileMetaData, ids: np.ndarray | None) -> list[int]:

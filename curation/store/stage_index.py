@@ -9,6 +9,12 @@ Within a bucket, samples keep the order of the selection table (sorted by sample
 same selection gives the same bytes. Every rank of a launched run writes its contiguous share of
 each bucket as shards of its own (`rank-<rank>.shard.<n>.mds`); rank 0 merges their index.json
 entries in rank order, so a bucket holds the same samples in the same order on any world size.
+
+Each bucket is one pass over its members, and every bucket spans about all of the candidates'
+shards; a remote pool's shards are downloaded once while they fit the shard cache
+(`stages.cache_limit`), else once per bucket. So when they do not fit, the selected samples (a
+rank's share of them) are first copied in one pass in id order to a local MDS folder, which the
+buckets read instead.
 """
 from __future__ import annotations
 
@@ -63,18 +69,38 @@ def _buckets(selection: pa.Table, stage: int) -> list[tuple[str, np.ndarray, flo
     return out
 
 
-def _write_mds(pool: MDSFolder, members: np.ndarray, out_dir: str, tmp: str, stage: int) -> None:
+def _write_mds(source: MDSFolder, at: np.ndarray, columns: dict, out_dir: str, tmp: str, stage: int) -> None:
+    """Samples `at` of `source` (the pool, or a local copy of the selection) as one MDS folder."""
     from streaming import MDSWriter
 
     try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
         write_fault(os.path.join(tmp, "scratch"))
-        with MDSWriter(out=out_dir, columns=pool.columns(), compression=None, hashes=["sha1"],
+        with MDSWriter(out=out_dir, columns=columns, compression=None, hashes=["sha1"],
                        progress_bar=False) as writer:
-            for sample in pool.iter_items(members):
+            for sample in source.iter_items(at):
                 writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
     except OSError as exc:
         raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
                          f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
+
+
+def _bucket_source(pool: MDSFolder, ids: np.ndarray, n_buckets: int, tmp: str, stage: int):
+    """(what the buckets read, the sorted ids of a local copy or None: the pool itself); see the
+    module docstring for when the selection is copied first."""
+    if n_buckets < 2 or not pool.remote or pool.bytes_of(ids) <= pool.cache_limit():
+        return pool, None
+    from streaming import MDSWriter
+
+    ordered, out = np.sort(ids), os.path.join(tmp, "selected")
+    try:
+        write_fault(os.path.join(tmp, "scratch"))
+        with MDSWriter(out=out, columns=pool.columns(), compression=None, progress_bar=False) as writer:
+            for sample in pool.iter_items(ordered):
+                writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
+    except OSError as exc:
+        raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
+                         f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
+    return MDSFolder(out), ordered
 
 
 def write_index_share(selection: pa.Table, *, pool_url: str, run_url: str, stage: int, rank: int = 0,
@@ -87,15 +113,18 @@ def write_index_share(selection: pa.Table, *, pool_url: str, run_url: str, stage
     writer's own index.json, as the merge would give."""
     store, pool = store_for(stage_url(run_url, stage)), MDSFolder(pool_url)
     prefix = f"rank-{rank:05d}." if world_size > 1 else ""
-    shares = {}
-    with tempfile.TemporaryDirectory(prefix="mates-index-") as tmp:
-        for bucket, members, _ in _buckets(selection, stage):
-            mine = np.array_split(members, world_size)[rank]
-            if len(mine) == 0:
+    shares, buckets = {}, _buckets(selection, stage)
+    mine = {bucket: np.array_split(members, world_size)[rank] for bucket, members, _ in buckets}
+    with tempfile.TemporaryDirectory(prefix="mates-index-") as tmp, \
+            tempfile.TemporaryDirectory(prefix="mates-staged-") as staged:
+        source, staged_ids = _bucket_source(pool, np.concatenate(list(mine.values())), len(buckets), staged, stage)
+        for bucket, _, _ in buckets:
+            if len(mine[bucket]) == 0:
                 shares[bucket] = []
                 continue
             out_dir = os.path.join(tmp, bucket)
-            _write_mds(pool, mine, out_dir, tmp, stage)
+            at = mine[bucket] if staged_ids is None else np.searchsorted(staged_ids, mine[bucket])
+            _write_mds(source, at, pool.columns(), out_dir, tmp, stage)
             with open(os.path.join(out_dir, "index.json"), "rb") as handle:
                 index = json.load(handle)
             for shard in index["shards"]:  # shards first, index.json last
