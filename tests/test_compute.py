@@ -76,10 +76,10 @@ def test_data_parallel_scoring_counts_every_ranks_share(tmp_path):
     """Rank 0's marker adds the other ranks' scoring FLOPs and token counts (not per-token figures)."""
     import numpy as np
 
-    from curation.methods.base import StageContext
+    from curation.methods.base import CurationMethod, StageContext
     from curation.stage_job import _parallel_predictions
 
-    class Scorer:
+    class Scorer(CurationMethod):
         def prepare(self, ctx):
             pass
 

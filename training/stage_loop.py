@@ -1,7 +1,7 @@
 """The stage loop (`mates run`): staged Composer pretraining with curation at every boundary.
 
 For stage k = 0..K-1:
-  1. curation (rank 0; every rank scores its slice of the candidates where the method allows): unless `stages/k/_SUCCESS` exists, run the recipe's method (stage 0:
+  1. curation (every rank its share of the oracle, the scoring and the stage index; rank 0 fits and selects): unless `stages/k/_SUCCESS` exists, run the recipe's method (stage 0:
      `random`, there is no trained model yet) on stage k's candidate pool, from the model state at
      the end of stage k-1, and commit `stages/k/` (index, streams, selection, _SUCCESS);
   2. training: a Composer Trainer on stage k's streams for `stages.batches[k]` batches, starting
@@ -268,7 +268,7 @@ def _commit_stage_state(ctx: RunContext, stage: int, trained: dict) -> None:
 
 
 def curate_if_needed(ctx: RunContext, stage: int) -> float:
-    """Every rank calls this: rank 0 curates, the others help where the method scores in parallel."""
+    """Every rank calls this: rank 0 fits and selects, every rank probes, scores and writes its share."""
     if stage_committed(ctx.recipe.run, stage):
         return 0.0
     method = ctx.recipe.stages.method if stage > 0 else "random"

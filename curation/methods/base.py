@@ -39,7 +39,9 @@ class CurationMethod:
 
     A method whose per-candidate work is data-parallel sets `parallel_scoring` and implements
     `prepare` (once, on rank 0: what every rank needs, saved under the stage) and `score_slice`
-    (on every rank, for its slice of the candidates); `predict` is then the two in one process.
+    (on every rank, for its slice of the candidates); `finish` (rank 0) turns every slice's scores
+    into predictions where that needs all of them (z-scores); `save_slice` hands rank 0 what else
+    a slice gives (Group-MATES: its embeddings). `predict` is then all of it in one process.
     """
 
     name = "base"
@@ -49,13 +51,20 @@ class CurationMethod:
 
     def predict(self, ctx: StageContext) -> np.ndarray:
         self.prepare(ctx)
-        return self.score_slice(ctx, ctx.candidates)
+        return self.finish(ctx, self.score_slice(ctx, ctx.candidates))
 
     def prepare(self, ctx: StageContext) -> None:
         raise NotImplementedError
 
     def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def save_slice(self, ctx: StageContext, rank: int) -> None:
+        """On a rank other than 0, after `score_slice`: write what rank 0's `finish` reads of the slice."""
+
+    def finish(self, ctx: StageContext, scores: np.ndarray, world_size: int = 1) -> np.ndarray:
+        """Rank 0: every candidate's `score_slice` value, in candidate order -> the predictions."""
+        return scores
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         rng = np.random.default_rng([ctx.seed, ctx.stage, 7919])

@@ -8,13 +8,19 @@ Gumbel top-k nearly the plain top-k that DCLM's threshold gives).
 """
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 
 from curation.influence.hashed_ngrams import ngram_bags
 from curation.methods.base import CurationMethod, StageContext
-from curation.methods.texts import candidate_texts, target_texts
+from curation.methods.texts import TextCache, target_texts
 from curation.select.gumbel import standardized
+from curation.store.stage_index import stage_url
+from schemas.storage import store_for
+
+MODEL_NAME = "classifier.pt"   # under the stage: rank 0's fit, for every rank to score with
 
 
 class NgramClassifier(torch.nn.Module):
@@ -63,16 +69,35 @@ def classifier_logits(model: NgramClassifier, texts: list[str], n_features: int,
 
 
 class ClassifierMethod(CurationMethod):
+    """Rank 0 fits the classifier (`prepare`, saved as classifier.pt under the stage); every rank
+    scores its slice's logits; rank 0 z-scores them all (`finish`)."""
+
     name = "classifier"
     n_buckets = 4
+    parallel_scoring = True
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
+    def __init__(self):
+        self.texts, self.model = TextCache(), None
+
+    def prepare(self, ctx: StageContext) -> None:
         opts = ctx.options
-        texts = candidate_texts(ctx)
-        target = target_texts(ctx, opts.max_target)
-        model = fit_classifier(target, texts, n_features=opts.n_features, max_n=opts.max_n, dim=opts.dim,
-                               epochs=opts.epochs, lr=opts.lr, seed=ctx.seed + ctx.stage)
-        logits = classifier_logits(model, texts, opts.n_features, opts.max_n)
-        ctx.log(f"  classifier: trained on {len(target)} target (`{ctx.target}`) vs {len(texts)} candidate texts; "
-                f"candidate logit mean {logits.mean():+.2f}, std {logits.std():.2f}")
+        texts, target = self.texts.fitted_on(ctx), target_texts(ctx, opts.max_target)
+        self.model = fit_classifier(target, texts, n_features=opts.n_features, max_n=opts.max_n, dim=opts.dim,
+                                    epochs=opts.epochs, lr=opts.lr, seed=ctx.seed + ctx.stage)
+        self.fitted_on = (len(target), len(texts))
+        buffer = io.BytesIO()
+        torch.save(self.model.state_dict(), buffer)
+        store_for(stage_url(ctx.run_url, ctx.stage)).write_bytes(buffer.getvalue(), MODEL_NAME)
+
+    def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        opts = ctx.options
+        if self.model is None:  # a rank other than 0: rank 0's fit
+            self.model = NgramClassifier(opts.n_features, opts.dim)
+            data = store_for(stage_url(ctx.run_url, ctx.stage)).read_bytes(MODEL_NAME)
+            self.model.load_state_dict(torch.load(io.BytesIO(data), weights_only=True))
+        return classifier_logits(self.model, self.texts.of(ctx, sample_ids), opts.n_features, opts.max_n)
+
+    def finish(self, ctx: StageContext, logits: np.ndarray, world_size: int = 1) -> np.ndarray:
+        ctx.log(f"  classifier: trained on {self.fitted_on[0]} target (`{ctx.target}`) vs {self.fitted_on[1]} "
+                f"candidate texts; candidate logit mean {logits.mean():+.2f}, std {logits.std():.2f}")
         return -standardized(logits)

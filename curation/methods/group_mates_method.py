@@ -26,6 +26,7 @@ from curation.store.stage_index import stage_url
 from curation.methods import ledger
 from curation.methods.base import StageContext
 from curation.methods.mates_method import MatesMethod
+from curation.store import rank_files
 from curation.store.pool import MDSFolder
 from schemas.storage import join, write_parquet
 
@@ -41,8 +42,9 @@ def unit_rows(emb: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
 
 class GroupMatesMethod(MatesMethod):
     name = "group_mates"
-    # Clustering needs every candidate's embedding in one process: rank 0 scores them all.
-    parallel_scoring = False
+    # Each rank embeds and scores its slice; rank 0 gathers the embeddings that clustering and the
+    # greedy need (`save_slice`, `finish`): they are [N, D], the encoder pass is the cost.
+    parallel_scoring = True
 
     def trajectory_ids(self, ctx: StageContext) -> np.ndarray:
         """The random trajectories' sample ids [n, T] (the same on every rank)."""
@@ -137,11 +139,14 @@ class GroupMatesMethod(MatesMethod):
         self.record_encoder(ctx, phase, model, read=counts.get("tokens", 0))  # `phase`'s encoder pass
         return np.asarray(emb)
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
+    def prepare(self, ctx: StageContext) -> None:
+        """Rank 0: probe and fit the influence model (MATES), the group oracle, and the relational
+        model fitted on the trajectories' embeddings, saved under the stage for every rank."""
         from curation.influence.relational import fit_relational_model, head_from_influence_model
 
         opts = ctx.options
         model, pool, tokenizer, pad_id = self.influence_model(ctx)
+        self.model, self.pool, self.tokenizer = model, pool, tokenizer
 
         t0 = time.perf_counter()
         traj_ids, increments = self.group_oracle(ctx, pool, pad_id)
@@ -160,27 +165,57 @@ class GroupMatesMethod(MatesMethod):
             traj_emb, increments, epochs=opts.relational_epochs, lr=opts.relational_lr,
             seed=ctx.seed + ctx.stage, init_head=init_head, device=ctx.device, log=lambda m: None)
         relational.save(join(stage_url(ctx.run_url, ctx.stage), "relational_model"))
+        self.relational = relational
         ledger.record(ctx, "relational_fit", 0.0)  # a few-parameter model over embeddings (their pass is counted)
         ctx.timings["relational_fit"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         ctx.metrics.update({f"curation/relational/{k}": v for k, v in metrics.items()})
         ctx.log(f"  relational model: held-out Spearman {metrics['val_spearman']:.3f}, "
                 f"alpha {relational.alpha:.3f}, beta {relational.beta:.3f}")
 
+    def load_fitted(self, ctx: StageContext) -> None:
+        """On a rank other than 0: the relational model rank 0 saved, and the encoder h(x) needs
+        (the fitted influence model; `frozen`: none, the store's embeddings)."""
+        from curation.influence.finetuned import InfluenceModel
+        from curation.influence.relational import RelationalInfluenceModel
+
+        if getattr(self, "relational", None) is not None:
+            return
+        stage = stage_url(ctx.run_url, ctx.stage)
+        self.relational = RelationalInfluenceModel.load(join(stage, "relational_model")).to(ctx.device)
+        self.model = None if self.frozen(ctx) else InfluenceModel.from_pretrained(join(stage, "influence_model"))
+        self.pool, self.tokenizer = MDSFolder(join(ctx.data_url, "pool")), load_pool_tokenizer(ctx.data_url)
+
+    def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """s(x) of `sample_ids` (this rank's slice) and their h(x), kept for clustering (`finish`)."""
+        self.load_fitted(ctx)
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
-        emb = self.unit_embeddings(ctx, model, pool, tokenizer, ctx.candidates, "score")
+        emb = self.unit_embeddings(ctx, self.model, self.pool, self.tokenizer, sample_ids, "score")
         emb = torch.as_tensor(np.asarray(emb))
         # fp16 stores stay fp16 ([N, D] x 2 bytes) through clustering and the greedy; each chunk is
         # upcast at its matrix product
-        self.embeddings = emb if emb.dtype == torch.float16 else emb.float()           # [N, D]
-        dev = next(relational.parameters()).device
+        self.embeddings = emb if emb.dtype == torch.float16 else emb.float()           # [n, D]
+        dev = next(self.relational.parameters()).device
         with torch.no_grad():
-            scores = torch.cat([relational.individual(chunk.to(dev, torch.float32))
+            scores = torch.cat([self.relational.individual(chunk.to(dev, torch.float32))
                                 for chunk in self.embeddings.split(1 << 16)])
-        self.alpha, self.beta = relational.alpha, relational.beta
         ledger.record(ctx, "score", 0.0)  # the relational head over the embeddings (their pass is counted)
         ctx.timings["score"] = time.perf_counter() - t0 - (ctx.timings.get("embed", 0.0) - embed_before)
         return scores.double().cpu().numpy()
+
+    def save_slice(self, ctx: StageContext, rank: int) -> None:
+        """The slice's h(x), exact (fp16 stays fp16), for rank 0's clustering and greedy."""
+        rank_files.write_array(stage_url(ctx.run_url, ctx.stage), f"embeddings-{rank:05d}", self.embeddings.numpy())
+
+    def finish(self, ctx: StageContext, scores: np.ndarray, world_size: int = 1) -> np.ndarray:
+        """Rank 0: every candidate's h(x) in candidate order (its own slice's, then the others'),
+        and the learned alpha, beta, for `select`."""
+        if world_size > 1:
+            url = stage_url(ctx.run_url, ctx.stage)
+            others = [torch.as_tensor(rank_files.read_array(url, f"embeddings-{r:05d}")) for r in range(1, world_size)]
+            self.embeddings = torch.cat([self.embeddings, *others])                    # [N, D]
+        self.alpha, self.beta = self.relational.alpha, self.relational.beta
+        return scores
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         from curation.select import metadata

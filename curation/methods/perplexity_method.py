@@ -40,28 +40,45 @@ def sample_losses(model: torch.nn.Module, pool: MDSFolder, sample_ids: np.ndarra
 
 
 class PerplexityMethod(CurationMethod):
+    """Nothing is fitted: every rank loads the stage's model state and scores its slice's losses;
+    rank 0 z-scores them all (`finish`)."""
+
     name = "perplexity"
     n_buckets = 4
+    parallel_scoring = True
 
-    def predict(self, ctx: StageContext) -> np.ndarray:
-        from curation.compute import eval_flops
+    def prepare(self, ctx: StageContext) -> None:
+        self.load(ctx)
+
+    def load(self, ctx: StageContext) -> None:
+        """The model at this boundary, its shape (for the ledger), the pool and the pad id; once."""
         from curation.oracle.probes import model_from_state
 
+        if getattr(self, "model", None) is not None:
+            return
         if ctx.state_url is None:
             raise MatesError("`perplexity` needs a trained model state; stage 0 is always `random`.")
         parent, _, name = ctx.state_url.rstrip("/").rpartition("/")
         state = load_probe_state(parent, name)
-        model = model_from_state(state, ctx.device)
-        pad_id = load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
-        pool = MDSFolder(join(ctx.data_url, "pool"))
+        self.model, self.shape = model_from_state(state, ctx.device), ledger.lm_shape(state)
+        self.pad_id = load_pool_tokenizer(ctx.data_url).token_to_id(EOS)
+        self.pool = MDSFolder(join(ctx.data_url, "pool"))
+
+    def score_slice(self, ctx: StageContext, sample_ids: np.ndarray) -> np.ndarray:
+        """Mean next-token loss [n] of `sample_ids`, and its ledger: one LM forward over their tokens."""
+        from curation.compute import eval_flops
+
+        self.load(ctx)
         t0 = time.perf_counter()
-        losses = sample_losses(model, pool, ctx.candidates, pad_id, batch_size=ctx.options.batch_size,
+        losses = sample_losses(self.model, self.pool, sample_ids, self.pad_id, batch_size=ctx.options.batch_size,
                                device=ctx.device)
         ctx.timings["score"] = time.perf_counter() - t0
-        # the compute ledger: one LM forward over every candidate token
-        tokens, shape = ledger.sample_tokens(pool, ctx.candidates), ledger.lm_shape(state)
-        ledger.record(ctx, "score", eval_flops(shape, tokens), scored_tokens=tokens)
-        ctx.metrics["curation/ledger/lm_forward_flops_per_token"] = shape.forward_per_token()
+        tokens = ledger.sample_tokens(self.pool, sample_ids)
+        ledger.record(ctx, "score", eval_flops(self.shape, tokens), scored_tokens=tokens)
+        ctx.metrics["curation/ledger/lm_forward_flops_per_token"] = self.shape.forward_per_token()
+        return losses
+
+    def finish(self, ctx: StageContext, losses: np.ndarray, world_size: int = 1) -> np.ndarray:
         ctx.log(f"  perplexity: candidate loss median {np.median(losses):.3f}, "
                 f"5%-95% {np.percentile(losses, 5):.3f}-{np.percentile(losses, 95):.3f}; band `{ctx.options.band}`")
         z = standardized(losses)
