@@ -103,15 +103,17 @@ def _rchar() -> int:
         return int(next(line for line in handle if line.startswith("rchar:")).split()[1])
 
 
-def _candidates(data: str, n: int, seed: int):
-    """Stage 1's candidates as the stage loop draws them (stage 0's when the pool holds only one):
-    `stages.candidates: auto` over the pool's samples per shard (its index.json)."""
+def _candidates(data: str, n: int, seed: int, mode: str = "shards"):
+    """Stage 1's candidates as the stage loop draws them (stage 0's when the pool holds only one)
+    under `stages.candidates: <mode>` over the pool's samples per shard (its index.json). The
+    default is `shards`: 10^5 candidates span under 64 of these 32 MiB shards, where `auto` would
+    draw per sample and every boundary would read the whole pool (README "Locality")."""
     from curation.select.candidates import candidate_pools
     from curation.store.pool import shard_samples
 
     sizes = shard_samples(data.rstrip("/") + "/pool")
     count = 2 if sum(sizes) >= 2 * n else 1
-    return candidate_pools(sizes, count=count, per_stage=n, seed=seed, mode="auto")[count - 1]
+    return candidate_pools(sizes, count=count, per_stage=n, seed=seed, mode=mode)[count - 1]
 
 
 def _by_folder(reads: dict, roots: dict) -> dict:
@@ -153,7 +155,7 @@ def run_child(spec: dict) -> dict:
     sampler.mark("imports")
     reset_reads()
     rchar0, t0 = _rchar(), time.perf_counter()
-    candidates = _candidates(spec["data"], spec["candidates"], spec["seed"])
+    candidates = _candidates(spec["data"], spec["candidates"], spec["seed"], spec["candidates_mode"])
     seconds_candidates = time.perf_counter() - t0
     sampler.mark("candidates drawn")
     ctx = StageContext(run_url=spec["run"], data_url=spec["data"], stage=1, candidates=candidates,
@@ -181,11 +183,12 @@ def run_child(spec: dict) -> dict:
 
 # ---------------------------------------------------------------- the parent
 def _boundary(data: dict, method: str, n_candidates: int, *, scratch: str, n_probes: int, threads: int,
-              log) -> dict:
+              candidates_mode: str, log) -> dict:
     run = os.path.join(scratch, "runs", f"n{data['n']}-{method.replace('@', '-')}")
     shutil.rmtree(run, ignore_errors=True)
     spec = {"n": data["n"], "candidates": n_candidates, "method": method, "data": data["data"], "run": run,
             "state": data["state"], "seed": data["seed"], "n_probes": n_probes, "threads": threads,
+            "candidates_mode": candidates_mode,
             "out": os.path.join(scratch, "runs", "child.json")}
     with open(spec["out"] + ".spec", "w") as handle:
         json.dump(spec, handle)
@@ -199,7 +202,7 @@ def _boundary(data: dict, method: str, n_candidates: int, *, scratch: str, n_pro
     err = proc.stderr.read()
     _, status, usage = os.wait4(proc.pid, 0)   # this child's own rusage, not every child's maximum
     proc.returncode = os.waitstatus_to_exitcode(status)
-    head = {"n": data["n"], "method": method, "candidates": n_candidates,
+    head = {"n": data["n"], "method": method, "candidates": n_candidates, "candidates_mode": candidates_mode,
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "data_cap_gb": round(cap / 2 ** 30, 1)}
     if proc.returncode:  # a boundary that runs out of memory is a result too: say so and go on
         lines = [line for line in err.strip().splitlines() if line.strip()] or ["(no output)"]
@@ -229,7 +232,8 @@ def _memory_cap() -> int:
 
 
 def bench_scale(sizes=SIZES, candidates: int = 100_000, methods=METHODS, *, scratch: str | None = None,
-                out: str | None = RESULT, n_probes: int = 256, threads: int = 1, log=print, **data_kw) -> dict:
+                out: str | None = RESULT, n_probes: int = 256, threads: int = 1, candidates_mode: str = "shards",
+                log=print, **data_kw) -> dict:
     """Generate (or reuse) each size's data, run one boundary per (size, method); written to `out`."""
     from jobs.bench_scale_data import ensure_data, settings
 
@@ -242,7 +246,8 @@ def bench_scale(sizes=SIZES, candidates: int = 100_000, methods=METHODS, *, scra
         log(f"N={n:,}: data {'reused' if data['reused'] else 'generated'} in {time.perf_counter() - t0:.1f} s "
             f"({data['bytes']['total'] / 1e9:.2f} GB, {data['shards']} shards) under {os.path.dirname(data['data'])}")
         data_rows.append({k: data[k] for k in ("n", "shards", "bytes", "generate_seconds", "reused")})
-        rows += [_boundary(data, m, min(candidates, n), scratch=scratch, n_probes=n_probes, threads=threads, log=log)
+        rows += [_boundary(data, m, min(candidates, n), scratch=scratch, n_probes=n_probes, threads=threads,
+                             candidates_mode=candidates_mode, log=log)
                  for m in methods]
     result = {"rows": rows, "data": data_rows, "cpu_count": os.cpu_count(), "verdicts": verdicts(rows)}
     if out:

@@ -6,7 +6,7 @@
                                     no compression), `shard_bytes` per shard (default 32 MiB, split
                                     by MDSWriter's own rule); one part per `part_samples` ids (2^20)
       pool/index.json               the merged index (basenames `part-<p>/shard.<s>.mds`, as ingest's)
-      catalog/samples.parquet       schemas/tables.py CATALOG, zstd, row groups of 2^17 rows: 4
+      catalog/part-<p>.parquet      one per pool part, as ingest writes them; schemas/tables.py CATALOG, zstd, row groups of 2^17 rows: 4
                                     slices per `syn-<doc>` document, 5 sources (web 40%, code 20%,
                                     books 15%, wiki 15%, papers 10%), a random 40-hex `text_sha1` with
                                     1% exact duplicates, a 160-character lowercase `preview`
@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from schemas import tables
 from schemas.errors import MatesError
 
-FORMAT, VERSION = "mates-bench-scale-data", 1
+FORMAT, VERSION = "mates-bench-scale-data", 2
 VOCAB = 512
 DIM = 384
 SOURCES = (("web", 0.40), ("code", 0.20), ("books", 0.15), ("wiki", 0.15), ("papers", 0.10))
@@ -120,8 +120,10 @@ def _fixed_strings(rows: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(kind, n, [None, pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(rows))])
 
 
-def write_catalog(data_dir: str, n: int, shards: list[dict], rng: np.random.Generator) -> None:
-    """<data>/catalog/samples.parquet with the CATALOG schema, a row group of ROW_GROUP rows at a time."""
+def write_catalog(data_dir: str, n: int, shards: list[dict], rng: np.random.Generator,
+                  part_samples: int = 1 << 20) -> None:
+    """<data>/catalog/part-<p>.parquet, one per pool part of `part_samples` ids, with the CATALOG
+    schema, a row group of ROW_GROUP rows at a time."""
     per_shard = np.asarray([s["samples"] for s in shards], dtype=np.int64)
     shard_starts = np.concatenate([[0], np.cumsum(per_shard)])
     hexdigits = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -131,26 +133,27 @@ def write_catalog(data_dir: str, n: int, shards: list[dict], rng: np.random.Gene
     names = pa.array([s for s, _ in SOURCES])
     weights = np.asarray([w for _, w in SOURCES])
     os.makedirs(os.path.join(data_dir, "catalog"), exist_ok=True)
-    path = os.path.join(data_dir, "catalog", "samples.parquet")
-    with pq.ParquetWriter(path + ".tmp", tables.CATALOG, compression="zstd") as writer:
-        for lo in range(0, n, ROW_GROUP):
-            ids = np.arange(lo, min(n, lo + ROW_GROUP), dtype=np.int64)
-            m = len(ids)
-            shard = np.searchsorted(shard_starts, ids, side="right") - 1
-            digest = rng.integers(0, 256, (m, 20), dtype=np.uint8)
-            dup = rng.random(m) < 0.01                                        # 1% repeat another row's text
-            digest[dup] = digest[rng.integers(0, m, int(dup.sum()))]
-            sha = np.stack([hexdigits[digest >> 4], hexdigits[digest & 15]], axis=2).reshape(m, 40)
-            source = pa.DictionaryArray.from_arrays(pa.array(rng.choice(len(SOURCES), m, p=weights).astype(np.int32)),
-                                                    names).dictionary_decode()
-            doc = pa.compute.binary_join_element_wise("syn-", pa.array(ids // 4).cast(pa.string()), "")
-            table = pa.Table.from_arrays([
-                pa.array(ids), doc, pa.array((ids % 4).astype(np.int32)), pa.array(shard.astype(np.int32)),
-                pa.array((ids - shard_starts[shard]).astype(np.int32)), pa.array(np.full(m, 64, np.int32)),
-                source, _fixed_strings(sha), _fixed_strings(windows[rng.integers(0, len(windows), m)])],
-                schema=tables.CATALOG)
-            writer.write_table(table)
-    os.replace(path + ".tmp", path)
+    for part, start in enumerate(range(0, n, part_samples)):
+        path = os.path.join(data_dir, "catalog", f"part-{part:05d}.parquet")
+        with pq.ParquetWriter(path + ".tmp", tables.CATALOG, compression="zstd") as writer:
+            for lo in range(start, min(n, start + part_samples), ROW_GROUP):
+                ids = np.arange(lo, min(n, start + part_samples, lo + ROW_GROUP), dtype=np.int64)
+                m = len(ids)
+                shard = np.searchsorted(shard_starts, ids, side="right") - 1
+                digest = rng.integers(0, 256, (m, 20), dtype=np.uint8)
+                dup = rng.random(m) < 0.01                                        # 1% repeat another row's text
+                digest[dup] = digest[rng.integers(0, m, int(dup.sum()))]
+                sha = np.stack([hexdigits[digest >> 4], hexdigits[digest & 15]], axis=2).reshape(m, 40)
+                source = pa.DictionaryArray.from_arrays(pa.array(rng.choice(len(SOURCES), m, p=weights).astype(np.int32)),
+                                                        names).dictionary_decode()
+                doc = pa.compute.binary_join_element_wise("syn-", pa.array(ids // 4).cast(pa.string()), "")
+                table = pa.Table.from_arrays([
+                    pa.array(ids), doc, pa.array((ids % 4).astype(np.int32)), pa.array(shard.astype(np.int32)),
+                    pa.array((ids - shard_starts[shard]).astype(np.int32)), pa.array(np.full(m, 64, np.int32)),
+                    source, _fixed_strings(sha), _fixed_strings(windows[rng.integers(0, len(windows), m)])],
+                    schema=tables.CATALOG)
+                writer.write_table(table)
+        os.replace(path + ".tmp", path)
 
 
 # ---------------------------------------------------------------- embedding store
@@ -177,7 +180,7 @@ def write_embedding_store(data_dir: str, n: int, part: int, rng: np.random.Gener
         emb = centres[rng.integers(0, 64, len(ids))] + rng.standard_normal((len(ids), DIM), dtype=np.float32)
         values = pa.array(emb.astype(np.float16).ravel())
         column = pa.FixedSizeListArray.from_arrays(values, DIM).cast(schema.field("embedding").type)
-        name = f"part-{lo:09d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:10]}.parquet"   # the store's naming
+        name = f"part-{lo:09d}-{int(ids[-1]):09d}-{hashlib.sha1(ids.tobytes()).hexdigest()[:10]}.parquet"  # the store's naming
         # zstd as the store writes; no dictionary attempt (random fp16 never keeps one): 1.6x faster
         pq.write_table(pa.Table.from_arrays([pa.array(ids), column], schema=schema), os.path.join(folder, name),
                        compression="zstd", use_dictionary=False)
@@ -248,7 +251,7 @@ def ensure_data(root: str, cfg: dict, log=print) -> dict:
                         part_samples=cfg["part_samples"], rng=rng)
     seconds["pool"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    write_catalog(data, cfg["n"], shards, rng)
+    write_catalog(data, cfg["n"], shards, rng, part_samples=cfg["part_samples"])
     seconds["catalog"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _sets_and_marker(data, cfg, len(shards), rng)

@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default="1e5,1e6,1e7", metavar="N,N,...", help="scale: synthetic pool sizes")
     p.add_argument("--candidates", default="1e5", help="scale: candidates of each boundary")
     p.add_argument("--methods", default="mates@frozen,group_mates@frozen", help="scale: one boundary of each")
+    p.add_argument("--candidates-mode", default="shards", choices=["auto", "samples", "shards"],
+                   help="scale: `stages.candidates` of the boundaries (README \"Locality\")")
     p.add_argument("--dir", default=None, help="scale: scratch folder on local disk, kept and reused across runs "
                                                "(default /tmp/mates-bench-scale; ~15 GB at 10^7)")
     return parser

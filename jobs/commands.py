@@ -308,7 +308,8 @@ def cmd_bench(args) -> int:
 
         sizes = [parse_count(n, "--sizes") for n in args.sizes.split(",")]
         print(json.dumps(bench_scale(sizes, parse_count(args.candidates, "--candidates"), parse_methods(args.methods),
-                                     scratch=args.dir, out=args.out or RESULT, log=log)["verdicts"], indent=2))
+                                     scratch=args.dir, out=args.out or RESULT, candidates_mode=args.candidates_mode,
+                                     log=log)["verdicts"], indent=2))
         return 0
     extra = {"batches": args.batches} if args.batches and args.what == "train" else {}
     if args.rows and args.what == "select":
