@@ -40,13 +40,13 @@ def _scores(stage: str) -> pa.Table:
 
 
 def _counts(marker: dict) -> dict:
-    """What adds up over ranks: the ledger's token counts and every embedding read or computed. Not
-    the reference passes (one per rank that probes) nor the embedding pass's tokens (2 ranks
-    computed the embeddings that 1 rank then reuses)."""
+    """What adds up over ranks: the ledger's token counts. Not the reference passes (one per rank
+    that probes), nor the embedding pass's tokens and the embeddings read or computed: 2 ranks
+    computed the embeddings that 1 rank then reuses, and a rank whose probes spread over its
+    candidates' store parts reads the candidates once for fitting and scoring (mates_method)."""
     per_world = ("curation/ledger/probe_reference_tokens", "curation/ledger/embed_")
     out = {k: v for k, v in marker.items() if k.startswith("curation/ledger/") and k.endswith("_tokens")
            and not k.startswith(per_world)}
-    out["embedded"] = marker.get("curation/embed/computed", 0) + marker.get("curation/embed/reused", 0)
     return out
 
 
@@ -93,6 +93,9 @@ def test_two_ranks_give_one_ranks_boundary(stage_runs, name):
     assert streams[1] == streams[0]
     markers = [json.loads(store_for(s).read_bytes("_SUCCESS")) for s in (one, two)]
     assert _counts(markers[1]) == _counts(markers[0])
+    for marker in markers:   # every candidate's embedding was read or computed (the frozen runs)
+        embedded = marker.get("curation/embed/computed", 0) + marker.get("curation/embed/reused", 0)
+        assert embedded == 0 or embedded >= 120, embedded
     # ... written by both ranks: each bucket holds a share of each (rank 0 merged their index.json)
     for bucket, ids in buckets.items():
         names = [s["raw_data"]["basename"] for s in

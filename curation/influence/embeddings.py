@@ -111,6 +111,7 @@ class EmbeddingStore:
         self.url = store_url(self.data_url, settings)
         self.store = store_for(self.url)
         self._ranges: dict[str, tuple[int, int]] = {}           # part name -> [first, last] id
+        self._part_ids: dict[str, np.ndarray] = {}              # part name -> its ids, once read
         self._encoder = None                                   # built on the first missing id
 
     # -- the stamp ------------------------------------------------------------------------
@@ -213,7 +214,8 @@ class EmbeddingStore:
         if table.schema.field("embedding").type != want_type:
             raise MatesError(f"`{self.url}/{name}` holds {table.schema.field('embedding').type}; the "
                              f"store's stamp says {want_type}. Remove the part.")
-        pos, hit = _positions(wanted, np.asarray(table.column(ID), dtype=np.int64))
+        self._part_ids[name] = ids = np.asarray(table.column(ID), dtype=np.int64)
+        pos, hit = _positions(wanted, ids)
         rows = table.column("embedding").take(pa.array(np.flatnonzero(hit))).combine_chunks()
         flat = rows.flatten().to_numpy(zero_copy_only=False)                    # [n * D], the store's dtype
         return pos[hit], flat.reshape(-1, stamp["dim"])
@@ -226,9 +228,28 @@ class EmbeddingStore:
         if self._checked_stamp() is None:
             return wanted[held]
         for name in self._overlapping(wanted):
-            pos, hit = _positions(wanted, np.asarray(self._read_part(name, [ID]).column(ID), dtype=np.int64))
+            pos, hit = _positions(wanted, self._ids_of(name))
             held[pos[hit]] = True
         return wanted[held]
+
+    def overlapping_parts(self, sample_ids: np.ndarray) -> int:
+        """How many parts a read of `sample_ids` opens (what `load` would read, in parts)."""
+        return len(self._overlapping(np.unique(np.asarray(sample_ids, dtype=np.int64))))
+
+    def _ids_of(self, name: str) -> np.ndarray:
+        """Part `name`'s sample ids: its footer and id column alone (ranged reads, ~1% of a part),
+        kept per store object; an unreadable part falls back to the whole read of `_read_part`
+        (one GET, where a damaged part is told from a network error)."""
+        import pyarrow.parquet as pq
+
+        if name not in self._part_ids:
+            try:
+                with self.store.open_read(name, block_size=1 << 16) as handle:
+                    ids = pq.read_table(handle, columns=[ID]).column(ID)
+            except (pa.ArrowException, OSError):
+                ids = self._read_part(name, [ID]).column(ID)
+            self._part_ids[name] = np.asarray(ids, dtype=np.int64)
+        return self._part_ids[name]
 
     def load(self, sample_ids: np.ndarray) -> np.ndarray:
         """Embeddings [N, D] of `sample_ids`, in order, in the store's float type: an fp16 store

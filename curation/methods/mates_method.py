@@ -186,9 +186,32 @@ class MatesMethod(CurationMethod):
             self._store = EmbeddingStore(ctx.data_url, settings)
         return self._store
 
-    def stored_embeddings(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
-        """Pooled embeddings [N, D] of `ids` from the store, the missing ones computed first."""
+    def stored_embeddings(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray,
+                          superset: np.ndarray | None = None) -> np.ndarray:
+        """Pooled embeddings [N, D] of `ids` from the store, the missing ones computed first.
+
+        Given `superset` (sorted, holding `ids`: the candidates), when the store already holds all
+        of it and reading `ids` alone would open at least half the parts the superset does (probes
+        spread over the candidates; a part is read whole), the superset is read instead, once, and
+        kept for the boundary: scoring and clustering ask for the same candidates' rows and get a
+        copy of them (a caller may normalise its rows in place) without a second read."""
+        ids = np.asarray(ids, dtype=np.int64)
+        held = getattr(self, "_held", None)
+        if held is not None and len(ids) and np.all(np.isin(ids, held[0])):
+            return held[1][np.searchsorted(held[0], ids)]
         store = self.embedding_store(ctx)
+        if superset is not None and self._worth_reading_whole(store, ids, superset):
+            self._held = (superset, self._read_stored(ctx, store, pool, tokenizer, superset))
+            return self._held[1][np.searchsorted(superset, ids)]
+        return self._read_stored(ctx, store, pool, tokenizer, ids)
+
+    @staticmethod
+    def _worth_reading_whole(store, ids: np.ndarray, superset: np.ndarray) -> bool:
+        return (bool(np.all(np.isin(ids, superset)))
+                and 2 * store.overlapping_parts(ids) >= store.overlapping_parts(superset)
+                and len(store.stored_ids(superset)) == len(superset))   # nothing to embed: no rank's work moves
+
+    def _read_stored(self, ctx: StageContext, store, pool: MDSFolder, tokenizer, ids: np.ndarray) -> np.ndarray:
         stats = store.ensure(ids, pool=pool, pool_tokenizer=tokenizer, batch_size=ctx.options.batch_size * 4,
                              device=ctx.device)
         for key in ("computed", "reused"):
@@ -206,7 +229,7 @@ class MatesMethod(CurationMethod):
         opts = ctx.options
         t0 = time.perf_counter()
         embed_before = ctx.timings.get("embed", 0.0)
-        emb = self.stored_embeddings(ctx, pool, tokenizer, ids)                              # [n, D]
+        emb = self.stored_embeddings(ctx, pool, tokenizer, ids, superset=np.asarray(ctx.candidates, np.int64))
         self.cross_validate(ctx, emb, influence)
         head, metrics = fit_frozen_head(emb, influence, epochs=opts.head_epochs, lr=opts.head_lr,
                                         batch_size=opts.head_batch_size, seed=ctx.seed + ctx.stage,
