@@ -286,15 +286,18 @@ class Store:
             raise MatesError(f"`{self.url}`: bucket {bucket!r} does not exist (or these credentials "
                              f"cannot see it); create it first.")
 
-    def wait_for(self, *parts: str, poll_s: float = 0.2, max_poll_s: float = 5.0) -> float:
+    def wait_for(self, *parts: str, poll_s: float = 0.2, max_poll_s: float = 5.0, check=None) -> float:
         """Poll until `parts` exists (backing off from `poll_s` to `max_poll_s`); the seconds waited.
 
         How one rank waits on another's long phase (rank 0 curating a boundary, uploading a
         checkpoint): a file in the store has no clock, where a barrier times out after the
         process group's `dist_timeout_s`. A rank that dies instead is the launcher's to handle:
-        `composer -n N` (and torchrun) end every rank when one exits with an error."""
+        `composer -n N` (and torchrun) end every rank when one exits with an error. `check`, if
+        given, is called at every poll and may raise (a peer that failed: curation/store/rank_files.py)."""
         started, wait = time.monotonic(), poll_s
         while not self.exists(*parts):
+            if check is not None:
+                check()
             time.sleep(wait)
             wait = min(max_poll_s, wait * 1.5)
         return time.monotonic() - started

@@ -9,7 +9,6 @@ would end the others eventually; this makes it one clear line, and in-process ra
 from __future__ import annotations
 
 import io
-import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -56,12 +55,8 @@ def check_peers(stage_url: str) -> None:
 def wait_for(stage_url: str, *parts: str, poll_s: float = 0.1, max_poll_s: float = 5.0) -> float:
     """Poll until `<stage_url>/<parts>` exists (backing off to `max_poll_s`); the seconds waited.
     Raises `PeerFailed` as soon as any rank has written its failure file."""
-    store, started, wait = store_for(stage_url), time.monotonic(), poll_s
-    while not store.exists(*parts):
-        check_peers(stage_url)
-        time.sleep(wait)
-        wait = min(max_poll_s, wait * 1.5)
-    return time.monotonic() - started
+    return store_for(stage_url).wait_for(*parts, poll_s=poll_s, max_poll_s=max_poll_s,
+                                         check=lambda: check_peers(stage_url))
 
 
 def write_array(stage_url: str, name: str, array: np.ndarray) -> None:
