@@ -60,22 +60,29 @@ def _buckets(selection: pa.Table, stage: int) -> list[tuple[str, np.ndarray, flo
     if chosen.num_rows == 0:
         raise MatesError(f"`selection` of stage {stage} keeps no sample; raise `stages.selection_ratio`.")
     ids = np.asarray(chosen.column("sample_id"))
-    buckets = np.asarray(chosen.column("bucket").to_pylist(), dtype=object)
     weights = np.asarray(chosen.column("weight"))
+    # one sort groups the rows by bucket (Group-MATES has a bucket per cluster: thousands at 10^7
+    # candidates, where a mask per bucket costs buckets x rows); stable, so a group's first row
+    # is the bucket's first in the table, whose weight is its proportion
+    names, group = np.unique(np.asarray(chosen.column("bucket").to_pylist(), dtype=object), return_inverse=True)
+    rows = np.argsort(group, kind="stable")
+    bounds = np.searchsorted(group[rows], np.arange(len(names) + 1))
     out = []
-    for bucket in sorted(set(buckets)):
+    for g, bucket in enumerate(names):
         streams.check_relative_name(bucket, f"selection bucket of stage {stage}")
-        out.append((bucket, np.sort(ids[buckets == bucket]), float(weights[buckets == bucket][0])))
+        members = rows[bounds[g]:bounds[g + 1]]
+        out.append((bucket, np.sort(ids[members]), float(weights[members[0]])))
     return out
 
 
-def _write_mds(source: MDSFolder, at: np.ndarray, columns: dict, out_dir: str, tmp: str, stage: int) -> None:
+def _write_mds(source: MDSFolder, at: np.ndarray, columns: dict, out_dir: str, tmp: str, stage: int,
+               hashes: list[str] | None = ("sha1",)) -> None:
     """Samples `at` of `source` (the pool, or a local copy of the selection) as one MDS folder."""
     from streaming import MDSWriter
 
     try:  # local scratch: a full disk here is one line, and nothing of the stage is committed
         write_fault(os.path.join(tmp, "scratch"))
-        with MDSWriter(out=out_dir, columns=columns, compression=None, hashes=["sha1"],
+        with MDSWriter(out=out_dir, columns=columns, compression=None, hashes=list(hashes) if hashes else None,
                        progress_bar=False) as writer:
             for sample in source.iter_items(at):
                 writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
@@ -89,17 +96,8 @@ def _bucket_source(pool: MDSFolder, ids: np.ndarray, n_buckets: int, tmp: str, s
     module docstring for when the selection is copied first."""
     if n_buckets < 2 or not pool.remote or pool.bytes_of(ids) <= pool.cache_limit():
         return pool, None
-    from streaming import MDSWriter
-
     ordered, out = np.sort(ids), os.path.join(tmp, "selected")
-    try:
-        write_fault(os.path.join(tmp, "scratch"))
-        with MDSWriter(out=out, columns=pool.columns(), compression=None, progress_bar=False) as writer:
-            for sample in pool.iter_items(ordered):
-                writer.write({"tokens": sample["tokens"], "sample_id": int(sample["sample_id"])})
-    except OSError as exc:
-        raise MatesError(f"stage {stage}'s index scratch {tmp} could not be written: {exc.strerror or exc} "
-                         f"(errno {exc.errno}); free space under TMPDIR and rerun.") from exc
+    _write_mds(pool, ordered, pool.columns(), out, tmp, stage, hashes=None)   # local scratch: no hash
     return MDSFolder(out), ordered
 
 
