@@ -67,6 +67,9 @@ class GroupMatesOptions(MatesOptions):
     n_clusters: Optional[int] = None
     quota_mode: Literal["size", "influence"] = "influence"
     quota_temperature: float = 0.5    # quota_mode=influence: size x softmax(-mean z(pred) / T); tau of MATES
+    # false: the greedy drops the relational term (theta = alpha s: each cluster's quota of least s),
+    # the same run without the interactions, to measure what they add (`group_mates...-no-interaction`)
+    interaction: bool = True
     dedup: bool = True                # drop exact duplicates (catalog text_sha1) before selection
 
 

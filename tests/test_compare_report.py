@@ -202,7 +202,8 @@ def test_backbone_entries_are_runs_of_their_own(local_pool, tmp_path):
     """`mates@frozen` is an entry beside `mates`: same method, the other backbone, its own folder."""
     from training.compare import WARMUP, parse_methods, plan
 
-    entries = parse_methods("random,mates,mates@frozen,group_mates@frozen,mates@oracle,mates@ngram")
+    entries = parse_methods("random,mates,mates@frozen,group_mates@frozen,mates@oracle,mates@ngram,"
+                            "group_mates@frozen-no-interaction")
     specs = plan(MICRO_RECIPE, {"data": local_pool}, entries, 1, str(tmp_path))
     by = {s.method: s.recipe for s in specs if s.method != WARMUP}
     assert by["mates"].stages.method == by["mates@frozen"].stages.method == "mates"
@@ -211,6 +212,9 @@ def test_backbone_entries_are_runs_of_their_own(local_pool, tmp_path):
     assert by["mates@frozen"].run.endswith(os.path.join("seed-17", "mates@frozen"))
     assert (by["mates@oracle"].method_options.backbone, by["mates@ngram"].method_options.backbone) == \
         ("oracle", "ngram")
-    for bad in ("dsir@frozen", "mates@tiny", "group_mates@oracle", "group_mates@ngram"):
+    off = by["group_mates@frozen-no-interaction"]   # the same entry, the greedy's relational term off
+    assert (off.method_options.backbone, off.method_options.interaction) == ("frozen", False)
+    assert by["group_mates@frozen"].method_options.interaction is True
+    for bad in ("dsir@frozen", "mates@tiny", "group_mates@oracle", "group_mates@ngram", "mates-no-interaction"):
         with pytest.raises(Exception, match="--methods"):
             parse_methods(bad)

@@ -99,6 +99,24 @@ def test_select_per_cluster_is_the_greedy_inside_each_cluster():
         select_per_cluster(s, emb, labels, {0: 10_000})
 
 
+def test_interaction_off_is_each_clusters_quota_of_least_score():
+    """`interaction: false` (the relational term's ablation): the greedy with β -> inf, i.e. each
+    cluster's quota of least α s; with the term on, near-duplicate rows are no longer all picked."""
+    rng = np.random.default_rng(3)
+    s = rng.normal(size=60)
+    emb = _unit(rng, 60, 5)
+    emb[1:4] = emb[0]                          # four copies of one direction, all with the least scores
+    s[:4] = s.min() - np.arange(1, 5)
+    labels = np.zeros(60, dtype=int)
+    off = select_per_cluster(s, emb, labels, {0: 6}, alpha=1.0, beta=0.5, interaction=False)
+    assert set(np.flatnonzero(off)) == set(np.argsort(s)[:6])
+    assert (off == select_per_cluster(s, emb, labels, {0: 6}, alpha=1.0, beta=1e12)).all()   # β -> inf
+    on = select_per_cluster(s, emb, labels, {0: 6}, alpha=1.0, beta=0.5)
+    assert on[:4].sum() < 4                    # the term spreads the picks away from the copies
+    flipped = select_per_cluster(s, emb, labels, {0: 6}, alpha=-1.0, interaction=False)   # α < 0: greatest s
+    assert set(np.flatnonzero(flipped)) == set(np.argsort(-s)[:6])
+
+
 # ---------------------------------------------------------------- spherical k-means
 def _planted(seed, n_per, k, dim, noise):
     gen = torch.Generator().manual_seed(seed)

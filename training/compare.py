@@ -29,8 +29,8 @@ from schemas.errors import MatesError
 from schemas.method_options import METHOD_OPTIONS
 from schemas.recipe import Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import join, read_parquet, store_for
-from training.compare_tables import (WARMUP, RunSpec, collect, collect_stages, finished, off_target_sets,
-                                     primary_eval_of, write_outputs)
+from training.compare_tables import (NO_INTERACTION, WARMUP, RunSpec, collect, collect_stages, finished,
+                                     off_target_sets, primary_eval_of, split_entry, write_outputs)
 
 # The model-aware methods cost the most: start them first so the slots stay full at the end.
 COST_ORDER = ["group_mates", "mates", "perplexity", "classifier", "dsir", "random"]  # by method (an entry METHOD@BACKBONE ranks as METHOD)
@@ -39,18 +39,21 @@ BACKBONE_ENTRIES = ("mates", "group_mates")  # the methods with an influence-mod
 
 
 def parse_methods(text: str) -> list[str]:
-    """Comparison entries: method names, and `METHOD@BACKBONE` (e.g. `mates@frozen`) for a
-    model-aware method with another `backbone` than the recipe's, as an entry of its own."""
+    """Comparison entries: method names, `METHOD@BACKBONE` (e.g. `mates@frozen`) for a model-aware
+    method with another `backbone` than the recipe's, as an entry of its own, and a group_mates
+    entry + `-no-interaction` (e.g. `group_mates@frozen-no-interaction`): its greedy without the
+    relational term, which measures what the interactions add."""
     entries = [m.strip() for m in text.split(",") if m.strip()]
 
     def ok(entry: str) -> bool:
-        method, _, backbone = entry.partition("@")
-        return method in METHOD_OPTIONS and (not backbone or (method in BACKBONE_ENTRIES and
-                                                              backbone in ("finetune", "frozen"))
-                                             or entry in ("mates@oracle", "mates@ngram"))
+        method, backbone, interaction = split_entry(entry)
+        return method in METHOD_OPTIONS and (interaction or method == "group_mates") and (
+            not backbone or (method in BACKBONE_ENTRIES and backbone in ("finetune", "frozen"))
+            or entry in ("mates@oracle", "mates@ngram"))
     if not entries or not all(ok(e) for e in entries):
         raise MatesError(f"`--methods` must be a comma-separated list of {', '.join(sorted(METHOD_OPTIONS))}, "
-                         f"or mates@frozen / group_mates@frozen / mates@oracle / mates@ngram (a backbone); "
+                         f"or mates@frozen / group_mates@frozen / mates@oracle / mates@ngram (a backbone), "
+                         f"or a group_mates entry + {NO_INTERACTION} (e.g. group_mates@frozen{NO_INTERACTION}); "
                          f"got {text!r}.")
     if len(set(entries)) != len(entries):
         raise MatesError(f"`--methods` names a method twice: {text!r}.")
@@ -58,11 +61,15 @@ def parse_methods(text: str) -> list[str]:
 
 
 def entry_overrides(entry: str, base: Recipe) -> dict:
-    """The recipe keys an entry sets: its method, and for `METHOD@BACKBONE` that method's backbone."""
-    method, _, backbone = entry.partition("@")
+    """The recipe keys an entry sets: its method, for `METHOD@BACKBONE` that method's backbone, and
+    for `...-no-interaction` its `interaction: false`."""
+    method, backbone, interaction = split_entry(entry)
     out = {"stages.method": "random" if entry == WARMUP else method}
-    if backbone:  # under the key the recipe writes that method's options (one block, or per method)
-        out[f"{method_options_key(dataclasses.replace(base.stages, method=method))}.backbone"] = backbone
+    key = method_options_key(dataclasses.replace(base.stages, method=method))  # one block, or per method
+    if backbone:
+        out[f"{key}.backbone"] = backbone
+    if not interaction:
+        out[f"{key}.interaction"] = False
     return out
 
 
@@ -155,7 +162,7 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> list[str]:
     warmups = {s.seed: s for s in specs if s.method == WARMUP}
     rank = {m: i for i, m in enumerate(COST_ORDER)}
     todo = sorted((s for s in specs if s.method != WARMUP and not finished(s.recipe)),
-                  key=lambda s: (rank.get(s.method.partition("@")[0], 0), s.seed))
+                  key=lambda s: (rank.get(split_entry(s.method)[0], 0), s.seed))
     total, done, started, failures = len(todo), 0, time.perf_counter(), []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         running, ready = {}, set()

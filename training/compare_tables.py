@@ -164,7 +164,8 @@ def summarize(runs: pa.Table, methods: list[str], stages: pa.Table | None = None
     """Per method: mean and sample std over seeds of every eval set's final loss; on the primary
     set the share of random's curated-stage tokens needed to reach random's final loss; from the
     stages table, curation seconds per curated-stage training second and the influence model's
-    held-out Spearman (mean and minimum over every boundary of every seed)."""
+    held-out and (frozen heads) 5-fold cross-validated Spearman, mean and minimum over every
+    boundary of every seed."""
     rows = runs.to_pylist()
     stage_rows = [] if stages is None else stages.to_pylist()
     sets = list(dict.fromkeys(r["eval_set"] for r in rows))
@@ -191,6 +192,8 @@ def summarize(runs: pa.Table, methods: list[str], stages: pa.Table | None = None
             c, t = per_seed.get(r["seed"], (0.0, 0.0))
             per_seed[r["seed"]] = (c + r["curation_seconds"], t + (r["train_seconds"] or 0.0))
         spearman = [r["influence_spearman"] for r in boundaries if r["influence_spearman"] is not None]
+        cv = [r.get("influence_cv_spearman") for r in boundaries if r.get("influence_cv_spearman") is not None]
+        shares = [r["curation_share_of_training"] for r in boundaries if r.get("curation_share_of_training") is not None]
         relational = [r["relational_spearman"] for r in boundaries if r["relational_spearman"] is not None]
         out.append({
             "method": method, "seeds": len(prim), "primary": primary,
@@ -201,6 +204,8 @@ def summarize(runs: pa.Table, methods: list[str], stages: pa.Table | None = None
             _mean_std([r["curation_seconds"] / max(r["train_seconds"], 1e-9) for r in prim]),
             "primary_by_seed": {r["seed"]: r["final_loss"] for r in prim},
             "influence_spearman": (float(np.mean(spearman)), float(np.min(spearman))) if spearman else None,
+            "influence_cv_spearman": (float(np.mean(cv)), float(np.min(cv))) if cv else None,
+            "boundary_share_max": max(shares) if shares else None,  # the costliest boundary's curation / training
             "relational_spearman": (float(np.mean(relational)), float(np.min(relational))) if relational else None,
         })
     return out
@@ -229,6 +234,7 @@ def markdown_table(summary: list[dict]) -> str:
             tokens = f"{100 * t:.0f}% ± {100 * ts:.0f}%" + ("" if s["reached"] == s["seeds"]
                                                           else f" ({s['reached']}/{s['seeds']} reached)")
         fits = [f"{name}{m:.2f}, {lo:.2f}" for name, v in (("", s.get("influence_spearman")),
+                                                         ("CV ", s.get("influence_cv_spearman")),
                                                          ("relational ", s.get("relational_spearman")))
                 if v for m, lo in [v]]
         compute = "; ".join("–" if s.get(f"{u}_share") is None else f"{100 * s[f'{u}_share'][0]:.0f}%"
@@ -238,12 +244,64 @@ def markdown_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-MODEL_AWARE = ("mates", "mates@frozen", "mates@ngram", "mates@oracle", "group_mates", "group_mates@frozen")
+NO_INTERACTION = "-no-interaction"  # a group_mates entry's suffix: the same run, the greedy's relational term off
 STATIC = ("dsir", "classifier")  # the static targeting baselines
+SPEARMAN_TARGET = 0.6            # the influence model's cross-validated Spearman, at every boundary
+BOUNDARY_SHARE_TARGET = 0.25     # a boundary's curation seconds over its stage's training seconds
+
+
+def split_entry(entry: str) -> tuple[str, str, bool]:
+    """(method, backbone or "", interaction) of an entry `METHOD[@BACKBONE][-no-interaction]`."""
+    interaction = not entry.endswith(NO_INTERACTION)
+    method, _, backbone = entry.removesuffix(NO_INTERACTION).partition("@")
+    return method, backbone, interaction
+
+
+def model_aware(entries) -> list[str]:
+    return [e for e in entries if split_entry(e)[0] in ("mates", "group_mates")]
+
+
+def _on_common_seeds(by: dict, a: str, b: str) -> tuple[list[int], float, float] | None:
+    """(seeds both finished, a's and b's mean primary loss on them): a seed moves every method alike."""
+    seeds = sorted(set(by[a]["primary_by_seed"]) & set(by[b]["primary_by_seed"]))
+    if not seeds:
+        return None
+    return seeds, *(float(np.mean([by[e]["primary_by_seed"][k] for k in seeds])) for e in (a, b))
+
+
+def _pair_verdicts(by: dict) -> list[str]:
+    """Group-MATES against MATES (better by more than MATES' seed std), the interaction term's
+    contribution (the same entry without it), and mates against mates@oracle."""
+    out = []
+    for group, single in (("group_mates", "mates"), ("group_mates@frozen", "mates@frozen")):
+        if group not in by or single not in by:
+            continue
+        common = _on_common_seeds(by, group, single)
+        if common is None:
+            out.append(f"{group} vs {single}: not judged yet (no seed finished by both).")
+            continue
+        seeds, gm, m = common
+        std = by[single]["loss"][by[single]["primary"]][1]
+        out.append(f"{group} {gm:.4f} vs {single} {m:.4f} on the {len(seeds)} seed(s) both finished: better by "
+                   f"{m - gm:+.4f}; target > {single}'s seed std {std:.4f}: {'met' if m - gm > std else 'MISSED'}.")
+    for group in ("group_mates", "group_mates@frozen"):
+        off = group + NO_INTERACTION
+        if group in by and off in by and (common := _on_common_seeds(by, group, off)) is not None:
+            seeds, with_, without = common
+            per_seed = ", ".join(f"{by[off]['primary_by_seed'][k] - by[group]['primary_by_seed'][k]:+.4f}"
+                                 for k in seeds)
+            out.append(f"{group}'s interaction term: {with_:.4f} with it, {without:.4f} without ({off}) on "
+                       f"{len(seeds)} seed(s): it lowers the loss by {without - with_:+.4f} (per seed {per_seed}); "
+                       f"{group}'s seed std {by[group]['loss'][by[group]['primary']][1]:.4f}.")
+    if "mates" in by and "mates@oracle" in by and (common := _on_common_seeds(by, "mates", "mates@oracle")):
+        seeds, m, o = common
+        out.append(f"mates {m:.4f} vs mates@oracle {o:.4f} (the oracle scoring every candidate) on {len(seeds)} "
+                   f"seed(s): mates is {'better' if m < o else 'worse'} by {abs(o - m):.4f}.")
+    return out
 
 
 def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
-    """The comparison's targets (issue 13), each said as met or MISSED with its numbers.
+    """The comparison's targets (issues 13 and 25), each said as met or MISSED with its numbers.
     `off_target`: eval sets of no target's domain (general English), where MATES should not lose."""
     by = {s["method"]: s for s in summary}
     if "random" not in by:
@@ -251,22 +309,15 @@ def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
     primary = by["random"]["primary"]
     rc, rs = by["random"]["loss"][primary]
     loss = lambda m, e=primary: by[m]["loss"][e]  # noqa: E731  (mean, std)
+    aware = model_aware(by)
     out = []
-    for m in (m for m in MODEL_AWARE if m in by):
+    for m in aware:
         gain = rc - loss(m)[0]
         judged = ("not judged yet (random has one seed: no std)" if by["random"]["seeds"] < 2 else
                   "met" if gain > 2 * rs else "MISSED")
         out.append(f"{m} vs random on {primary}: final loss lower by {gain:+.4f}; target > 2 x random's seed "
                    f"std = {2 * rs:.4f}: {judged}.")
-    for group, single in (("group_mates", "mates"), ("group_mates@frozen", "mates@frozen")):
-        if group in by and single in by:  # on the seeds both have: a seed moves every method alike
-            seeds = sorted(set(by[group]["primary_by_seed"]) & set(by[single]["primary_by_seed"]))
-            if not seeds:
-                out.append(f"{group} vs {single}: not judged yet (no seed finished by both).")
-                continue
-            gm, m = (float(np.mean([by[e]["primary_by_seed"][k] for k in seeds])) for e in (group, single))
-            out.append(f"{group} {gm:.4f} vs {single} {m:.4f} on the {len(seeds)} seed(s) both finished: "
-                       f"{'met' if gm <= m else 'MISSED'} (at least matches).")
+    out += _pair_verdicts(by)
     statics = [b for b in STATIC if b in by]
     if statics:
         best = min(statics, key=lambda b: loss(b)[0])
@@ -284,19 +335,27 @@ def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
         said = "never reached" if share is None else f"{100 * share[0]:.0f}% of random's curated-stage tokens"
         out.append(f"{m} reaches random's final {primary} loss with {said}; target <= 50%: "
                    f"{'met' if ok else 'MISSED'}.")
-    for m in (m for m in MODEL_AWARE if m in by):
+    for m in aware:
         flops, seconds = by[m].get("flops_share"), by[m].get("seconds_share")
         if flops is None and seconds is None:
             continue
         said = "; ".join(f"{100 * v[0]:.0f}% of random's curated-stage {unit}" for unit, v in
                          (("FLOPs", flops), ("seconds", seconds)) if v is not None)
         ok = flops is not None and seconds is not None and max(flops[0], seconds[0]) <= 0.5
+        worst = by[m].get("boundary_share_max")
+        per_boundary = "" if worst is None else (
+            f"; its costliest boundary's curation is {worst:.2f}x that stage's training, target <= "
+            f"{BOUNDARY_SHARE_TARGET}x: {'met' if worst <= BOUNDARY_SHARE_TARGET else 'MISSED'}")
         out.append(f"{m} reaches random's final {primary} loss with {said} (training + curation); target <= 50%: "
-                   f"{'met' if ok else 'MISSED'}.")
-    for m in (m for m in MODEL_AWARE if m in by and by[m].get("influence_spearman")):
+                   f"{'met' if ok else 'MISSED'}{per_boundary}.")
+    for m in (m for m in aware if by[m].get("influence_spearman")):
         mean, low = by[m]["influence_spearman"]
-        out.append(f"{m}: influence model held-out Spearman {mean:.2f} on average, {low:.2f} at its worst boundary; "
-                   f"target >= 0.5 at every boundary: {'met' if low >= 0.5 else 'MISSED'}.")
+        cv = by[m].get("influence_cv_spearman")
+        judged, kind = (cv[1], "cross-validated") if cv else (low, "held-out (no cross-validation for this backbone)")
+        cv_said = f"; 5-fold cross-validated {cv[0]:.2f} on average, {cv[1]:.2f} at its worst" if cv else ""
+        out.append(f"{m}: influence model held-out Spearman {mean:.2f} on average, {low:.2f} at its worst boundary"
+                   f"{cv_said}; target >= {SPEARMAN_TARGET} at every boundary, judged on the {kind} figure: "
+                   f"{'met' if judged >= SPEARMAN_TARGET else 'MISSED'}.")
     return out
 
 
@@ -313,7 +372,8 @@ def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str
              "Curation time: the "
              "seconds of every boundary's curation (the embedding passes included) over the measured "
              "training seconds of the curated stages. Held-out Spearman: the influence model's, on its "
-             "held-out probes, at each boundary.", "",
+             "held-out probes, at each boundary (CV: 5-fold cross-validated, frozen heads; relational: "
+             "Group-MATES' relational model on its held-out trajectories).", "",
              markdown_table(summary), "", *[f"- {v}" for v in verdicts(summary, off_target)], ""]
     text = "\n".join(lines)
     write_parquet(runs, out, "runs.parquet")

@@ -252,10 +252,12 @@ class GroupMatesMethod(MatesMethod):
         quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
                                          temperature=opts.quota_temperature)
         mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
-                                  alpha=self.alpha, beta=self.beta, device=ctx.device)
+                                  alpha=self.alpha, beta=self.beta, device=ctx.device,
+                                  interaction=opts.interaction)
         candidates = pa.table({"sample_id": ctx.candidates.astype(np.int64), "cluster": labels})
         table = metadata.selection_table(con, candidates, mask)
         ctx.timings["select"] = time.perf_counter() - t0
         ctx.log(f"  clustered into {k} in {ctx.timings['cluster']:.1f} s, selected {int(mask.sum())} by "
-                f"greedy group selection (quotas: {opts.quota_mode}) in {ctx.timings['select']:.1f} s")
+                f"greedy group selection (quotas: {opts.quota_mode}"
+                f"{'' if opts.interaction else ', interaction off'}) in {ctx.timings['select']:.1f} s")
         return table

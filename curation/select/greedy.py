@@ -96,14 +96,25 @@ def greedy_group_select(scores, emb, quota: int, *, alpha: float = 1.0, beta: fl
     return np.asarray(picks, dtype=np.int64)
 
 
+def individual_select(scores, quota: int, *, alpha: float = 1.0) -> np.ndarray:
+    """Row indices [quota] in pick order with the interaction term off: θ = α s for every pick, so
+    the greedy's picks are the `quota` least α s (ties to the lowest row, as in the greedy)."""
+    s = alpha * np.asarray(scores.cpu() if isinstance(scores, torch.Tensor) else scores, dtype=np.float64)
+    if not 0 <= quota <= s.shape[0]:
+        raise MatesError(f"`quota` must be in [0, {s.shape[0]}] (the rows given); got {quota}.")
+    return np.argsort(s, kind="stable")[:quota].astype(np.int64)
+
+
 def select_per_cluster(scores, emb, labels, quotas: dict[int, int], *, alpha: float = 1.0,
-                       beta: float = 1.0, block: int = 64, stats: dict | None = None, device=None) -> np.ndarray:
+                       beta: float = 1.0, block: int = 64, stats: dict | None = None, device=None,
+                       interaction: bool = True) -> np.ndarray:
     """Boolean mask [N]: `quotas[c]` rows of each cluster c, chosen by `greedy_group_select` on
     `device` (default: the GPU when there is one, else the CPU).
 
     Clusters absent from `quotas` (or with quota 0) contribute nothing, so rows labelled -1
     (dropped, e.g. duplicates) are never selected. `emb` may be fp16: a cluster's rows are
-    upcast to fp32 when its greedy starts, never the whole matrix.
+    upcast to fp32 when its greedy starts, never the whole matrix. `interaction=False`: each
+    cluster's quota of least α s (`individual_select`), the embeddings unused.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -125,6 +136,9 @@ def select_per_cluster(scores, emb, labels, quotas: dict[int, int], *, alpha: fl
             raise MatesError(f"`quotas[{cluster}]` must be in [0, {size}] (the cluster's rows); got {quota}.")
         rows = order[start:start + size]                             # [n_c] in ascending row order
         index = torch.from_numpy(rows)
+        if not interaction:
+            mask[rows[individual_select(s[index], quota, alpha=alpha)]] = True
+            continue
         picks = greedy_group_select(s[index], E[index.to(E.device)], quota, alpha=alpha, beta=beta,
                                     block=block, stats=stats, device=device)
         mask[rows[picks]] = True
