@@ -101,12 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML (or a packaged name, e.g. bench)")
     p.add_argument("--methods", default="random,perplexity,dsir,classifier,mates,group_mates",
                    help="comparison entries: method names, or mates@frozen / group_mates@frozen / "
-                        "mates@oracle (that backbone)")
+                        "mates@oracle / mates@ngram (that backbone), or a group_mates entry + "
+                        "-no-interaction (its greedy without the relational term)")
     p.add_argument("--seeds", type=int, default=3, help="seeds recipe.seed, recipe.seed+1, ...")
     p.add_argument("--out", default="compare-out", help="local folder for runs, logs and the table")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores/jobs threads)")
     p.add_argument("--table-only", action="store_true",
                    help="train nothing: the table of the runs finished so far (a comparison still running)")
+    p.add_argument("--from", dest="earlier", action="append", default=[], metavar="FOLDER",
+                   help="an earlier comparison's tables (runs/metrics/stages/audits.parquet): its runs "
+                        "are taken from there, first; repeatable")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
 
     p = sub.add_parser("report", help="an HTML report with plots of a run or of a comparison")

@@ -130,10 +130,11 @@ def cmd_compare(args) -> int:
     from training.compare import compare, parse_methods
 
     sets = "".join(f" --set {k}={v}" for k, v in args.set.items())
+    earlier = "".join(f" --from {f}" for f in args.earlier)
     command = (f"mates compare {args.recipe} --methods {args.methods} --seeds {args.seeds} "
-               f"--jobs {args.jobs} --out {args.out}{sets}")
+               f"--jobs {args.jobs} --out {args.out}{sets}{earlier}{' --table-only' if args.table_only else ''}")
     text = compare(recipe_path(args.recipe), args.set, parse_methods(args.methods), args.seeds, args.out,
-                   jobs=args.jobs, command=command, log=log, run=not args.table_only)
+                   jobs=args.jobs, command=command, log=log, run=not args.table_only, earlier=args.earlier)
     print(text)
     return 0
 

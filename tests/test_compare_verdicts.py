@@ -166,3 +166,39 @@ def test_pair_verdicts_interaction_term_oracle_gap_and_cross_validated_spearman(
             "cross-validated 0.63 on average, 0.61 at its worst; target >= 0.6 at every boundary, judged on the "
             "cross-validated figure: met.") in text
     assert "| 0.70, 0.70; CV 0.63, 0.61 |" in markdown_table(summary)
+
+
+def test_with_earlier_takes_each_run_from_the_first_folder_that_has_it(tmp_path):
+    """`mates compare --from FOLDER`: an earlier comparison's committed tables come first, the
+    runs of this one fill in what they lack, and entries outside `--methods` are left out."""
+    from schemas.storage import write_parquet
+    from training.compare_tables import COMPARISON_METRICS, with_earlier
+
+    def tables_of(method_seeds, loss):
+        runs = [r for r in _runs().to_pylist() if (r["method"], r["seed"]) in method_seeds]
+        for r in runs:
+            r["final_loss"] = loss
+        metrics = [{"method": m, "seed": s, "stage": 1, "eval_set": "wiki_en", "loss_kind": "lm", "loss": loss,
+                    "perplexity": 1.0, "batches_seen": 1, "tokens_seen": 1, "train_tokens_per_s": 1.0,
+                    "curation_seconds": 0.0, "train_seconds": 1.0} for m, s in method_seeds]
+        stages = [{"method": m, "seed": s, "stage": 1, "curation_seconds": loss} for m, s in method_seeds]
+        audits = [{"method": m, "seed": s, "stage": 1, "group_by": "source", "group": "wiki_en", "candidates": 1,
+                   "candidate_share": 1.0, "selected_share": 1.0, "score_mean_z": 0.0, "probes": 0}
+                  for m, s in method_seeds]
+        return tuple(tables.conform(pa.Table.from_pylist(rows, schema=schema), schema) for rows, schema in
+                     ((runs, tables.COMPARISON_RUNS), (metrics, COMPARISON_METRICS), (stages, tables.COMPARISON_STAGES),
+                      (audits, tables.COMPARISON_AUDITS)))
+
+    earlier = tables_of({("random", 17), ("mates", 17), ("dsir", 17)}, 1.0)
+    for table, name in zip(earlier, ("runs", "metrics", "stages", "audits")):
+        write_parquet(table, str(tmp_path), f"{name}.parquet")
+    today = tables_of({("random", 17), ("group_mates", 17)}, 2.0)
+    merged = with_earlier(today, [str(tmp_path)], ["random", "mates", "group_mates"])
+    for table, key in zip(merged, ("final_loss", "loss", "curation_seconds", None)):
+        rows = table.to_pylist()
+        assert {(r["method"], r["seed"]) for r in rows} == {("random", 17), ("mates", 17), ("group_mates", 17)}
+        if key:   # random from the earlier folder (it wins), group_mates from today's runs
+            value = {r["method"]: r[key] for r in rows}
+            assert (value["random"], value["mates"], value["group_mates"]) == (1.0, 1.0, 2.0)
+    with pytest.raises(Exception, match="holds no runs.parquet"):
+        with_earlier(today, [str(tmp_path / "nowhere")], ["random"])

@@ -30,7 +30,7 @@ from schemas.method_options import METHOD_OPTIONS
 from schemas.recipe import Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import join, read_parquet, store_for
 from training.compare_tables import (NO_INTERACTION, WARMUP, RunSpec, collect, collect_stages, finished,
-                                     off_target_sets, primary_eval_of, split_entry, write_outputs)
+                                     off_target_sets, primary_eval_of, split_entry, with_earlier, write_outputs)
 
 # The model-aware methods cost the most: start them first so the slots stay full at the end.
 COST_ORDER = ["group_mates", "mates", "perplexity", "classifier", "dsir", "random"]  # by method (an entry METHOD@BACKBONE ranks as METHOD)
@@ -205,14 +205,18 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> list[str]:
 
 
 def compare(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, out: str, *, jobs: int = 1,
-            command: str = "", log=print, run: bool = True) -> str:
-    """Run what is missing (`run`), then write the table of every finished run."""
+            command: str = "", log=print, run: bool = True, earlier: list[str] = ()) -> str:
+    """Run what is missing (`run`), then write the table of every finished run; `earlier`: folders
+    of committed comparison tables whose runs come first (`with_earlier`)."""
     if "://" in out:
         raise MatesError(f"`--out` must be a local folder (the runs inside may use any store); got {out!r}.")
     specs = plan(recipe_file, overrides, methods, n_seeds, out)
     failures = run_all(specs, jobs, log=log) if run else []
     runs, metrics = collect(specs)
-    text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, collect_stages(specs, metrics),
+    stage_tables = collect_stages(specs, metrics)
+    if earlier:
+        runs, metrics, *stage_tables = with_earlier((runs, metrics, *stage_tables), list(earlier), methods)
+    text = write_outputs(os.path.abspath(out), runs, metrics, methods, command, tuple(stage_tables),
                          off_target_sets(specs[0].recipe))
     if failures:  # the table holds the finished runs; the same command retries the rest
         raise MatesError(f"{len(failures)} run(s) failed, the table covers the finished ones; run the same "

@@ -12,6 +12,7 @@ import pyarrow as pa
 
 from curation.store.stage_index import stage_url
 from schemas import tables
+from schemas.errors import MatesError
 from schemas.recipe import Recipe
 from schemas.storage import read_parquet, store_for, write_parquet
 
@@ -357,6 +358,33 @@ def verdicts(summary: list[dict], off_target: list[str] = ()) -> list[str]:
                    f"{cv_said}; target >= {SPEARMAN_TARGET} at every boundary, judged on the {kind} figure: "
                    f"{'met' if judged >= SPEARMAN_TARGET else 'MISSED'}.")
     return out
+
+
+COMPARISON_TABLES = ("runs.parquet", "metrics.parquet", "stages.parquet", "audits.parquet")
+
+
+def with_earlier(current: tuple[pa.Table, ...], folders: list[str], methods: list[str]) -> tuple[pa.Table, ...]:
+    """`current` (runs, metrics, stages, audits) with the runs of earlier comparisons' committed
+    tables in `folders` put first: a (method, seed) found in an earlier folder (the first one that
+    has it) is taken from there, every other one from `current`. So an entry added today joins a
+    comparison whose run folders are gone, and the figures of the entries not re-run stay those
+    already published."""
+    schemas = (tables.COMPARISON_RUNS, COMPARISON_METRICS, tables.COMPARISON_STAGES, tables.COMPARISON_AUDITS)
+    merged = []
+    for i, (name, schema) in enumerate(zip(COMPARISON_TABLES, schemas)):
+        rows, taken = [], set()
+        for folder in folders:
+            if not store_for(folder).exists(name):
+                raise MatesError(f"`--from` {folder!r} holds no {name}: not a `mates compare` output folder.")
+            found = [r for r in read_parquet(folder, name).to_pylist()
+                     if r["method"] in methods and (r["method"], r["seed"]) not in taken]
+            rows += found
+            taken |= {(r["method"], r["seed"]) for r in found}
+        if i == 0:
+            runs_taken = taken
+        rows += [r for r in current[i].to_pylist() if (r["method"], r["seed"]) not in runs_taken]
+        merged.append(tables.conform(pa.Table.from_pylist(rows, schema=schema), schema))
+    return tuple(merged)
 
 
 def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str], command: str,
