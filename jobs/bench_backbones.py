@@ -47,7 +47,8 @@ def bench_backbones(run_url: str, stage: int, *, log=print) -> dict:
     _, finetune = fit_influence_model(texts, labels, options=opts, seed=seed,
                                       freeze_word_embeddings=opts.freeze_word_embeddings, log=log)
     finetune_s = time.perf_counter() - t0
-    store = EmbeddingStore(recipe.data, EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype))
+    store = EmbeddingStore(recipe.data, EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype),
+                           url=opts.embeddings_url)
     stats = store.ensure(ids, pool=pool, pool_tokenizer=tokenizer, batch_size=opts.batch_size * 4)
     emb = store.load(ids)
     t0 = time.perf_counter()

@@ -66,7 +66,7 @@ def embed_pool(recipe, *, method: str | None = None, touched: bool = False, limi
     ids = ids_to_embed(recipe, shard_samples(join(recipe.data, "pool")), touched=touched, limit=limit)
     shard_cache.set_limit(recipe.stages.cache_limit)
     settings = EmbeddingSettings.from_options(opts, dtype=opts.embedding_dtype)
-    store = EmbeddingStore(recipe.data, settings, part_size=part_size or PART_SIZE)
+    store = EmbeddingStore(recipe.data, settings, part_size=part_size or PART_SIZE, url=opts.embeddings_url)
     rank, world = dist_utils.rank(), dist_utils.world_size()
     if rank == 0:
         log(f"embed: {len(ids)} samples of {recipe.data} into {store.url} ({world} rank(s))")

@@ -45,6 +45,10 @@ class MatesOptions:
     head_lr: float = 1e-3             # frozen: AdamW lr of the linear head
     head_batch_size: int = 64         # frozen: examples per head step
     embedding_dtype: Literal["float32", "float16"] = "float32"  # frozen: stored embedding floats
+    # frozen: the embedding store's folder (null: <data>/embeddings/<settings>, shared by every run
+    # over the pool, so a sample is embedded once and only the run that embeds it pays in the
+    # ledger; `mates compare` gives each frozen run its own, so each pays for its candidates)
+    embeddings_url: Optional[str] = None
 
 
 @dataclass(kw_only=True)

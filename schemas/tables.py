@@ -126,6 +126,7 @@ COMPARISON_STAGES = _schema("comparison_stages", [
     pa.field("curation_seconds", pa.float64(), nullable=False),
     pa.field("train_seconds", pa.float64(), nullable=True),     # the stage's measured training seconds
     pa.field("curation_share_of_training", pa.float64(), nullable=True),  # curation / measured training
+    pa.field("curation_flops", pa.float64(), nullable=True),    # the ledger's (null: a table written before it)
 ])
 
 # <comparison>/audits.parquet: every run's stage audits (stages/<k>/audit.parquet), stacked.

@@ -188,6 +188,40 @@ def test_report_of_a_comparison(comparison, tmp_path):
     assert "<table>" in open(tmp_path / "report" / "index.html").read()
 
 
+def test_report_of_a_comparison_whose_run_folders_are_gone(comparison, tmp_path):
+    """A committed comparison (its tables, not its runs): a run whose folder is gone is rebuilt
+    from the tables (losses, curation seconds and FLOPs per stage, the audit's source mix), equal
+    to what its folder gave; the report still draws every entry's loss and says what is missing."""
+    import shutil
+
+    import pyarrow as pa
+
+    from training.report import write_report
+    from training.report_runs import load_run, view_from_tables
+
+    out, _, _ = comparison
+    kept = tmp_path / "committed"
+    kept.mkdir()
+    for name in ("comparison.json", "comparison.md", "metrics.parquet", "stages.parquet", "audits.parquet"):
+        shutil.copy(os.path.join(out, name), kept / name)
+    runs = pq.read_table(os.path.join(out, "runs.parquet"))
+    gone = next(r for r in runs.to_pylist() if r["method"] == "dsir")
+    paths = [str(tmp_path / "gone") if r == gone["run"] else r for r in runs.column("run").to_pylist()]
+    pq.write_table(runs.set_column(runs.schema.get_field_index("run"), "run", pa.array(paths)), kept / "runs.parquet")
+
+    folder, rebuilt = load_run(gone["run"]), view_from_tables(str(kept), "dsir", gone["seed"], data="")
+    assert rebuilt.from_tables and [m["loss"] for m in rebuilt.metrics] == [m["loss"] for m in folder.metrics]
+    assert sorted(rebuilt.stages) == sorted(k for k in folder.stages if k >= 1)
+    for k, st in rebuilt.stages.items():
+        marker = folder.stages[k]["marker"]
+        assert st["marker"] == {"curation_seconds": pytest.approx(marker["curation_seconds"]),
+                                "curation_flops": pytest.approx(marker["curation_flops"])}
+        assert [a["selected_share"] for a in st["audit"]] == [a["selected_share"] for a in folder.stages[k]["audit"]]
+    page = write_report(str(kept), str(tmp_path / "report"), log=lambda *_: None)
+    assert "1 run(s) have no folder here" in open(page).read()
+    assert "loss.png" in _assert_valid_pngs(page) and "compute.png" in _assert_valid_pngs(page)
+
+
 def test_compare_refuses_bad_arguments_before_any_work(local_pool, tmp_path):
     result = mates("compare", MICRO_RECIPE, "--methods", "random,nope", "--out", str(tmp_path / "c"),
                    "--set", f"data={local_pool}")
@@ -215,6 +249,9 @@ def test_backbone_entries_are_runs_of_their_own(local_pool, tmp_path):
     off = by["group_mates@frozen-no-interaction"]   # the same entry, the greedy's relational term off
     assert (off.method_options.backbone, off.method_options.interaction) == ("frozen", False)
     assert by["group_mates@frozen"].method_options.interaction is True
+    # each frozen run pays for its own embeddings: a store shared over the pool charged them to the first run
+    assert by["mates@frozen"].method_options.embeddings_url == os.path.join(by["mates@frozen"].run, "embeddings")
+    assert by["mates"].method_options.embeddings_url is None
     for bad in ("dsir@frozen", "mates@tiny", "group_mates@oracle", "group_mates@ngram", "mates-no-interaction"):
         with pytest.raises(Exception, match="--methods"):
             parse_methods(bad)

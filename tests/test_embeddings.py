@@ -65,6 +65,20 @@ def test_stored_embedding_equals_the_encoders_pooled_output(local_pool, encoder,
         store.load(np.array([5, 999]))
 
 
+def test_a_store_of_its_own_computes_what_the_shared_one_already_holds(local_pool, encoder, tmp_path):
+    """`embeddings_url`: a run with a store of its own embeds (and pays for) its samples even when
+    the pool's shared store holds them, and writes nothing into the shared one."""
+    ids = np.arange(0, 20)
+    shared, _ = _ensure(local_pool, ids, encoder)
+    own = EmbeddingStore(local_pool, SETTINGS, part_size=16, url=str(tmp_path / "run" / "embeddings"))
+    assert own.url != shared.url
+    stats = own.ensure(ids, pool=MDSFolder(join(local_pool, "pool")), pool_tokenizer=load_pool_tokenizer(local_pool),
+                       encoder=encoder, batch_size=8, progress=False)
+    assert (stats["computed"], stats["reused"]) == (20, 0) and stats["tokens"] > 0
+    assert np.abs(own.load(ids) - shared.load(ids)).max() < 1e-5    # batching with padding: float rounding
+    assert os.path.exists(tmp_path / "run" / "embeddings")
+
+
 def test_a_second_pass_computes_nothing_new_over_s3(s3_pool, encoder):
     ids = np.arange(0, 24)
     _, first = _ensure(s3_pool, ids, encoder)

@@ -86,8 +86,14 @@ def plan(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, ou
     for seed in range(base.seed, base.seed + n_seeds):
         for method in [WARMUP] + methods:
             run = os.path.join(out, "runs", f"seed-{seed}", method)
-            recipe = load_recipe(recipe_file, {**overrides, "seed": seed, "run": run, "save_folder": None,
-                                               **entry_overrides(method, base)})
+            keys = {**overrides, "seed": seed, "run": run, "save_folder": None, **entry_overrides(method, base)}
+            recipe = load_recipe(recipe_file, keys)
+            if getattr(recipe.method_options, "backbone", None) == "frozen" and method != WARMUP:
+                # its own embedding store: a store shared by the entries and seeds over one pool
+                # charges each embedding to whichever run computed it first, so a later frozen run's
+                # boundaries looked free of the encoder pass (issue 25's compute columns)
+                recipe = load_recipe(recipe_file, {**keys, f"{method_options_key(recipe.stages)}.embeddings_url":
+                                                   os.path.join(run, "embeddings")})
             label = f"seed-{seed}-{method}"
             specs.append(RunSpec(method, seed, recipe, os.path.join(out, "recipes", f"{label}.yaml"),
                                  os.path.join(out, "logs", f"{label}.log")))

@@ -147,6 +147,7 @@ def collect_stages(specs: list[RunSpec], metrics: pa.Table) -> tuple[pa.Table, p
                            "relational_spearman": marker.get("curation/relational/val_spearman"),
                            "influence_cv_spearman": marker.get("curation/influence/cv_spearman"),
                            "curation_seconds": float(marker.get("curation_seconds", 0.0)), "train_seconds": train,
+                           "curation_flops": marker.get("curation_flops"),
                            "curation_share_of_training": marker.get("curation_seconds", 0.0) / train
                            if train else None})
             if store_for(stage_url(spec.recipe.run, k)).exists("audit.parquet"):

@@ -24,7 +24,7 @@ from schemas.errors import MatesError
 from schemas.storage import store_for
 from training.report_plots import (plot_audit, plot_clusters, plot_compute, plot_costs, plot_influence, plot_loss,
                                    plot_sources)
-from training.report_runs import RunView, load_run
+from training.report_runs import RunView, load_run, view_from_tables
 
 
 def _markdown_table_html(text: str) -> str:
@@ -59,15 +59,26 @@ def _runs_of(source: str) -> tuple[list[RunView], str, str]:
         import pyarrow.parquet as pq
 
         doc = json.loads(store.read_bytes("comparison.json"))
-        table = pq.read_table(os.path.join(source, "runs.parquet")).to_pylist()
+        table = rows_all = pq.read_table(os.path.join(source, "runs.parquet")).to_pylist()
         table = list({(r["method"], r["seed"]): r for r in table}.values())  # one row per run and eval set
-        runs = []
+        runs, gone = [], []
         for row in sorted(table, key=lambda r: (doc["methods"].index(r["method"]), r["seed"])):
-            runs.append(load_run(row["run"]))
+            if store_for(row["run"]).exists("recipe.yaml"):
+                runs.append(load_run(row["run"]))
+            else:   # its folder is gone (a committed comparison): what the tables hold of it
+                gone.append(row)
+                runs.append(view_from_tables(source, row["method"], row["seed"], data=""))
             runs[-1].method = row["method"]  # the comparison's entry (e.g. mates@frozen), not only the method
+            runs[-1].primary = runs[-1].primary or next((r["eval_set"] for r in rows_all if r["primary"]), None)
+        data = next((r.data for r in runs if not r.from_tables), "")
+        for r in runs:
+            r.data = r.data or data
         text = store.read_bytes("comparison.md").decode()
         verdicts = "".join(f"<li>{html.escape(v[2:])}</li>" for v in text.splitlines() if v.startswith("- "))
-        intro = (f"<p>Command: <code>{html.escape(doc['command'])}</code></p>{_markdown_table_html(text)}"
+        note = "" if not gone else (
+            f"<p>{len(gone)} run(s) have no folder here: their loss, compute and source mix come from the "
+            f"comparison's tables; the probe, cluster and per-phase plots show the runs that have one.</p>")
+        intro = (f"<p>Command: <code>{html.escape(doc['command'])}</code></p>{note}{_markdown_table_html(text)}"
                  f"<ul>{verdicts}</ul>")
         return runs, "mates comparison", intro
     run = load_run(source)

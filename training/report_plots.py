@@ -96,25 +96,35 @@ def plot_audit(runs: list[RunView], path: str) -> bool:
     return True
 
 
+def _audit_mix(stage: dict, key: str) -> dict[str, float]:
+    """A stage's source mix from its audit rows (`candidate_share` or `selected_share`)."""
+    return {a["group"]: a[key] for a in stage.get("audit") or [] if a["group_by"] == "source"}
+
+
 def plot_sources(runs: list[RunView], path: str) -> None:
-    """Per curated stage: the candidates' mix, then each method's selection (first seed of each)."""
+    """Per curated stage: the candidates' mix, then each method's selection (first seed of each);
+    from the selection and the catalog, or from the stage audit of a run rebuilt from tables."""
     plt = _plt()
     firsts = list({r.method: r for r in reversed(runs)}.values())[::-1]
     stages = sorted({k for r in firsts for k in r.stages if k >= 1})
     if not stages:
         stages = sorted({k for r in firsts for k in r.stages})
-    sources = sources_of(firsts[0].data)
+    with_folders = [r for r in firsts if not r.from_tables]
+    sources = sources_of(with_folders[0].data) if with_folders else None
+
+    def mix(stage: dict, key: str) -> dict[str, float]:
+        if stage.get("selection") is None:
+            return _audit_mix(stage, key)
+        sel = stage["selection"]
+        ids = sel["sample_id"] if key == "candidate_share" else np.asarray(sel["sample_id"])[np.asarray(sel["selected"])]
+        return source_mix(sources, ids)
+
     fig, axes = plt.subplots(1, len(stages), figsize=(4.5 * len(stages) + 1.5, 0.45 * (len(firsts) + 1) + 1.6),
                              squeeze=False)
     for ax, k in zip(axes[0], stages):
-        rows = []
-        some = next(r for r in firsts if k in r.stages)
-        rows.append(("candidates", source_mix(sources, some.stages[k]["selection"]["sample_id"])))
-        for r in firsts:
-            if k in r.stages:
-                sel = r.stages[k]["selection"]
-                ids = np.asarray(sel["sample_id"])[np.asarray(sel["selected"])]
-                rows.append((r.method, source_mix(sources, ids)))
+        rows = [("candidates", next((m for r in firsts if k in r.stages and (m := mix(r.stages[k], "candidate_share"))),
+                                    {}))]
+        rows += [(r.method, m) for r in firsts if k in r.stages and (m := mix(r.stages[k], "selected_share"))]
         names = [n for n in SOURCE_COLORS if any(n in m for _, m in rows)] + \
             sorted({n for _, m in rows for n in m} - set(SOURCE_COLORS))
         left = np.zeros(len(rows))
@@ -206,7 +216,7 @@ def plot_costs(runs: list[RunView], path: str) -> bool:
     from schemas.costs import PHASES, stage_costs
 
     bars = []
-    for r in list({r.method: r for r in reversed(runs)}.values())[::-1]:
+    for r in list({r.method: r for r in reversed(runs) if not r.from_tables}.values())[::-1]:   # phases: run folders
         train = {m["stage"]: m["train_seconds"] for m in r.metrics}
         for k, st in sorted(r.stages.items()):
             if k >= 1:
@@ -237,18 +247,21 @@ def plot_costs(runs: list[RunView], path: str) -> bool:
     return True
 
 
-def cumulative_compute(run: RunView) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+def cumulative_compute(run: RunView) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray] | None:
     """(FLOPs, seconds, stage) at the end of each stage from stage 0 on: training plus the
     curation of every boundary so far (the ledger: `train_flops`, each marker's `curation_flops`
-    and `curation_seconds`). None for a run written before the ledger."""
+    and `curation_seconds`). A unit is None where a stage lacks it (a run written before the
+    ledger, or rebuilt from tables written before `curation_flops` was kept); None when both are."""
     from schemas.costs import stage_compute
 
     rows = [m for m in run.metrics if m["stage"] >= 0]
     costs = [stage_compute(m, run.stages.get(m["stage"], {}).get("marker", {})) for m in rows]
-    if not rows or any(f is None or s is None for f, s in costs):
+    if not rows:
         return None
-    flops, seconds = zip(*costs)
-    return np.cumsum(flops), np.cumsum(seconds), np.array([m["stage"] for m in rows])
+    units = [None if any(c[i] is None for c in costs) else np.cumsum([c[i] for c in costs]) for i in (0, 1)]
+    if units[0] is None and units[1] is None:
+        return None
+    return units[0], units[1], np.array([m["stage"] for m in rows])
 
 
 def plot_compute(runs: list[RunView], path: str) -> bool:
@@ -263,10 +276,12 @@ def plot_compute(runs: list[RunView], path: str) -> bool:
     for r, (flops, seconds, stages) in lines:
         by_stage = {m["stage"]: m["loss"].get(r.primary, np.nan) for m in r.metrics}
         loss = [by_stage[k] for k in stages]
-        label = None if r.method in colors else r.method   # one legend entry per method, its seeds alike
         color = colors.setdefault(r.method, f"C{len(colors) % 10}")
         for ax, x in zip(axes, (flops, seconds)):
-            ax.plot(x, loss, marker="o", color=color, alpha=0.8, label=label)
+            if x is None:
+                continue
+            seen = {h.get_label() for h in ax.get_lines()}   # one legend entry per method and panel
+            ax.plot(x, loss, marker="o", color=color, alpha=0.8, label=None if r.method in seen else r.method)
     for ax, unit in zip(axes, ("FLOPs (training + curation)", "seconds (training + curation)")):
         ax.set_xlabel(f"cumulative {unit}")
         ax.set_ylabel(f"loss on {lines[0][0].primary}")

@@ -26,6 +26,29 @@ class RunView:
     stages: dict = field(default_factory=dict)  # k -> {"selection", "scores", "probes", "audit", "marker"}
     kinds: dict = field(default_factory=dict)   # eval set -> loss kind
     primary: str | None = None                  # the eval set a comparison ranks by
+    from_tables: bool = False                   # rebuilt from a comparison's tables: no stage folders
+
+
+def view_from_tables(folder: str, method: str, seed: int, data: str) -> RunView:
+    """A comparison run whose folder is gone, from the comparison's committed tables: its losses
+    (metrics.parquet), per curated stage its curation seconds and FLOPs (stages.parquet) and its
+    audit (audits.parquet, which holds the source mix). Enough for the loss, compute and source
+    plots; the probe, cluster and phase plots need the run folder."""
+    def mine(name):
+        if not store_for(folder).exists(name):
+            return []
+        return [r for r in read_parquet(folder, name).to_pylist() if r["method"] == method and r["seed"] == seed]
+
+    rows = mine("metrics.parquet")
+    view = RunView(folder, method, seed, data, metrics_by_stage(rows), kinds={r["eval_set"]: r["loss_kind"] for r in rows},
+                   from_tables=True)
+    audits = mine("audits.parquet")
+    for r in mine("stages.parquet"):
+        view.stages[r["stage"]] = {"marker": {"curation_seconds": r["curation_seconds"],
+                                              "curation_flops": r.get("curation_flops")},
+                                   "selection": None, "scores": None, "probes": None,
+                                   "audit": [a for a in audits if a["stage"] == r["stage"]] or None}
+    return view
 
 
 def load_run(url: str) -> RunView:

@@ -104,11 +104,12 @@ def _progress_bar(total: int, progress: bool | None):
 class EmbeddingStore:
     """The embeddings of one pool under one set of encoder settings (see the module docstring)."""
 
-    def __init__(self, data_url: str, settings: EmbeddingSettings, *, part_size: int = PART_SIZE):
+    def __init__(self, data_url: str, settings: EmbeddingSettings, *, part_size: int = PART_SIZE,
+                 url: str | None = None):
         if int(part_size) < 1:
             raise MatesError(f"`part_size` must be >= 1; got {part_size}.")
         self.data_url, self.settings, self.part_size = data_url.rstrip("/"), settings, int(part_size)
-        self.url = store_url(self.data_url, settings)
+        self.url = url.rstrip("/") if url else store_url(self.data_url, settings)   # `embeddings_url`, if set
         self.store = store_for(self.url)
         self._ranges: dict[str, tuple[int, int]] = {}           # part name -> [first, last] id
         self._part_ids: dict[str, np.ndarray] = {}              # part name -> its ids, once read

@@ -183,7 +183,7 @@ class MatesMethod(CurationMethod):
 
         if getattr(self, "_store", None) is None:
             settings = EmbeddingSettings.from_options(ctx.options, dtype=ctx.options.embedding_dtype)
-            self._store = EmbeddingStore(ctx.data_url, settings)
+            self._store = EmbeddingStore(ctx.data_url, settings, url=ctx.options.embeddings_url)
         return self._store
 
     def stored_embeddings(self, ctx: StageContext, pool: MDSFolder, tokenizer, ids: np.ndarray,
