@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--table-only", action="store_true",
                    help="train nothing: the table of the runs finished so far (a comparison still running)")
     p.add_argument("--from", dest="earlier", action="append", default=[], metavar="FOLDER",
-                   help="an earlier comparison's tables (runs/metrics/stages/audits.parquet): its runs "
-                        "are taken from there, first; repeatable")
+                   help="an earlier comparison's folder of tables (runs/metrics/stages/audits.parquet): "
+                        "the runs this one has not finished are taken from there; repeatable")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
 
     p = sub.add_parser("report", help="an HTML report with plots of a run or of a comparison")

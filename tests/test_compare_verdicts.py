@@ -168,9 +168,9 @@ def test_pair_verdicts_interaction_term_oracle_gap_and_cross_validated_spearman(
     assert "| 0.70, 0.70; CV 0.63, 0.61 |" in markdown_table(summary)
 
 
-def test_with_earlier_takes_each_run_from_the_first_folder_that_has_it(tmp_path):
-    """`mates compare --from FOLDER`: an earlier comparison's committed tables come first, the
-    runs of this one fill in what they lack, and entries outside `--methods` are left out."""
+def test_with_earlier_fills_in_the_runs_this_comparison_lacks(tmp_path):
+    """`mates compare --from FOLDER`: this comparison's runs come first, an earlier one's committed
+    tables fill in the runs it lacks, and entries outside `--methods` are left out."""
     from schemas.storage import write_parquet
     from training.compare_tables import COMPARISON_METRICS, with_earlier
 
@@ -197,8 +197,8 @@ def test_with_earlier_takes_each_run_from_the_first_folder_that_has_it(tmp_path)
     for table, key in zip(merged, ("final_loss", "loss", "curation_seconds", None)):
         rows = table.to_pylist()
         assert {(r["method"], r["seed"]) for r in rows} == {("random", 17), ("mates", 17), ("group_mates", 17)}
-        if key:   # random from the earlier folder (it wins), group_mates from today's runs
+        if key:   # random and group_mates from today's runs, mates from the earlier folder
             value = {r["method"]: r[key] for r in rows}
-            assert (value["random"], value["mates"], value["group_mates"]) == (1.0, 1.0, 2.0)
+            assert (value["random"], value["mates"], value["group_mates"]) == (2.0, 1.0, 2.0)
     with pytest.raises(Exception, match="holds no runs.parquet"):
         with_earlier(today, [str(tmp_path / "nowhere")], ["random"])

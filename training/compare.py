@@ -213,7 +213,7 @@ def run_all(specs: list[RunSpec], jobs: int, log=print) -> list[str]:
 def compare(recipe_file: str, overrides: dict, methods: list[str], n_seeds: int, out: str, *, jobs: int = 1,
             command: str = "", log=print, run: bool = True, earlier: list[str] = ()) -> str:
     """Run what is missing (`run`), then write the table of every finished run; `earlier`: folders
-    of committed comparison tables whose runs come first (`with_earlier`)."""
+    of committed comparison tables that fill in the runs this one lacks (`with_earlier`)."""
     if "://" in out:
         raise MatesError(f"`--out` must be a local folder (the runs inside may use any store); got {out!r}.")
     specs = plan(recipe_file, overrides, methods, n_seeds, out)

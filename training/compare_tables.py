@@ -365,27 +365,24 @@ COMPARISON_TABLES = ("runs.parquet", "metrics.parquet", "stages.parquet", "audit
 
 
 def with_earlier(current: tuple[pa.Table, ...], folders: list[str], methods: list[str]) -> tuple[pa.Table, ...]:
-    """`current` (runs, metrics, stages, audits) with the runs of earlier comparisons' committed
-    tables in `folders` put first: a (method, seed) found in an earlier folder (the first one that
-    has it) is taken from there, every other one from `current`. So an entry added today joins a
-    comparison whose run folders are gone, and the figures of the entries not re-run stay those
-    already published."""
+    """`current` (runs, metrics, stages, audits) completed from earlier comparisons' committed
+    tables in `folders`: a (method, seed) of `methods` that this comparison has no finished run of
+    is taken from the first folder that has it. So an entry re-run or added today joins a
+    comparison whose run folders are gone, and the entries not re-run keep their published figures."""
     schemas = (tables.COMPARISON_RUNS, COMPARISON_METRICS, tables.COMPARISON_STAGES, tables.COMPARISON_AUDITS)
-    merged = []
-    for i, (name, schema) in enumerate(zip(COMPARISON_TABLES, schemas)):
-        rows, taken = [], set()
-        for folder in folders:
-            if not store_for(folder).exists(name):
-                raise MatesError(f"`--from` {folder!r} holds no {name}: not a `mates compare` output folder.")
-            found = [r for r in read_parquet(folder, name).to_pylist()
-                     if r["method"] in methods and (r["method"], r["seed"]) not in taken]
-            rows += found
-            taken |= {(r["method"], r["seed"]) for r in found}
-        if i == 0:
-            runs_taken = taken
-        rows += [r for r in current[i].to_pylist() if (r["method"], r["seed"]) not in runs_taken]
-        merged.append(tables.conform(pa.Table.from_pylist(rows, schema=schema), schema))
-    return tuple(merged)
+    taken = {(r["method"], r["seed"]) for r in current[0].to_pylist()}    # the runs this comparison has
+    extra: dict[str, list[dict]] = {name: [] for name in COMPARISON_TABLES}
+    for folder in folders:
+        if not store_for(folder).exists("runs.parquet"):
+            raise MatesError(f"`--from` {folder!r} holds no runs.parquet: not a `mates compare` output folder.")
+        found = {(r["method"], r["seed"]) for r in read_parquet(folder, "runs.parquet").to_pylist()
+                 if r["method"] in methods} - taken
+        for name in COMPARISON_TABLES:
+            if store_for(folder).exists(name):
+                extra[name] += [r for r in read_parquet(folder, name).to_pylist() if (r["method"], r["seed"]) in found]
+        taken |= found
+    return tuple(tables.conform(pa.Table.from_pylist(table.to_pylist() + extra[name], schema=schema), schema)
+                 for table, name, schema in zip(current, COMPARISON_TABLES, schemas))
 
 
 def write_outputs(out: str, runs: pa.Table, metrics: pa.Table, methods: list[str], command: str,
