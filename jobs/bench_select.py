@@ -97,7 +97,7 @@ def _selection_figures(scores: np.ndarray, emb: torch.Tensor, mask: np.ndarray) 
 
 
 def bench_select(n_rows: int = 1_000_000, dim: int = 384, k: int | None = None, budget_ratio: float = 0.2,
-                 seed: int = 0, global_rows: int = 20_000, *, max_iter: int = 20, tol: float = 0.0,
+                 seed: int = 0, global_rows: int = 20_000, *, max_iter: int = 20, tol: float | None = None,
                  mode: str = "influence", temperature: float = 1.0, alpha: float = 1.0, beta: float = 1.0,
                  threads: int = 1, dtype: str = "float32", log=print) -> dict:
     """Figures of the Group-MATES selection pipeline on `n_rows` synthetic rows (module docstring).
@@ -211,7 +211,7 @@ def _subset_comparison(emb, scores, ids, n_sub, budget_ratio, seed, *, mode, tem
     with phase("global_greedy_matvec"):     # block=1: one matvec per pick, the textbook loop
         g1_mask = global_greedy(s, e, budget, alpha=alpha, beta=beta, block=1)
     with phase("kmeans"):
-        labels = spherical_kmeans(e, k_sub, seed=seed, max_iter=max_iter, tol=tol)[0].numpy()
+        labels = spherical_kmeans(e, k_sub, seed=seed, max_iter=max_iter, tol=0.0 if tol is None else tol)[0].numpy()
     con = metadata.connect()
     with phase("quotas"):
         quotas = metadata.cluster_quotas(con, pa.table({"sample_id": i, "prediction": s, "cluster": labels}),
@@ -249,7 +249,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--global-rows", type=int, default=20_000)
     parser.add_argument("--max-iter", type=int, default=20)
-    parser.add_argument("--tol", type=float, default=0.0)
+    parser.add_argument("--tol", type=float, default=None, help="k-means tol (default: the method's, "
+                        "0 for flat k-means and clustering.LEAF_TOL for a tree's leaves)")
     parser.add_argument("--mode", choices=["size", "influence"], default="influence")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")

@@ -28,14 +28,14 @@ def plot_loss(runs: list[RunView], path: str) -> None:
     names = list(kinds)
     fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 4.2), squeeze=False)
     for ax, name in zip(axes[0], names):
-        for method in dict.fromkeys(r.method for r in runs):
+        for i, method in enumerate(dict.fromkeys(r.method for r in runs)):
             mine = [r for r in runs if r.method == method and r.metrics]
             if not mine:
                 continue
             n = min(len(r.metrics) for r in mine)
             tokens = np.mean([[m["tokens_seen"] for m in r.metrics[:n]] for r in mine], axis=0) / 1e6
             loss = np.array([[m["loss"].get(name, np.nan) for m in r.metrics[:n]] for r in mine])  # [seeds, points]
-            line, = ax.plot(tokens, loss.mean(0), marker="o",
+            line, = ax.plot(tokens, loss.mean(0), marker="o", color=_color(i),
                             label=f"{method} ({len(mine)} seed{'s' * (len(mine) > 1)})")
             if len(mine) > 1:
                 ax.fill_between(tokens, loss.min(0), loss.max(0), color=line.get_color(), alpha=0.15)
@@ -236,7 +236,7 @@ def plot_costs(runs: list[RunView], path: str) -> bool:
     for i, (_, c, t) in enumerate(bars):
         if t > 0:
             ax.text(i - 0.2, bottom[i], f"{c['total'] / t:.2f}x", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(x, [label for label, _, _ in bars], fontsize=8)
+    ax.set_xticks(x, [label.replace("-no-interaction", "\n-no-interaction") for label, _, _ in bars], fontsize=7)
     ax.set_ylabel("seconds")
     ax.set_title("Curation per phase (left, share of training on top) vs the stage's training (right)", fontsize=9)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -245,6 +245,16 @@ def plot_costs(runs: list[RunView], path: str) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+def _color(i: int):
+    """The i-th method's colour: matplotlib's 10 defaults, then tab20's lighter half (11 entries
+    of a comparison would otherwise share C0)."""
+    if i < 10:
+        return f"C{i}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](2 * (i - 10) % 20 + 1)
 
 
 def cumulative_compute(run: RunView) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray] | None:
@@ -276,7 +286,7 @@ def plot_compute(runs: list[RunView], path: str) -> bool:
     for r, (flops, seconds, stages) in lines:
         by_stage = {m["stage"]: m["loss"].get(r.primary, np.nan) for m in r.metrics}
         loss = [by_stage[k] for k in stages]
-        color = colors.setdefault(r.method, f"C{len(colors) % 10}")
+        color = colors.setdefault(r.method, _color(len(colors)))
         for ax, x in zip(axes, (flops, seconds)):
             if x is None:
                 continue

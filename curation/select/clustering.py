@@ -283,6 +283,11 @@ def spherical_kmeans(emb: torch.Tensor, k: int, *, seed: int, max_iter: int = 20
 BRANCH = 32   # most centroids one k-means of the tree compares a row with
 UPPER_PASSES = 2        # passes over all rows of an upper level of the tree
 UPPER_SAMPLE = 32768    # rows an upper level's centroids are fitted on (at least 64 per cluster)
+# a leaf of the tree stops once <= 0.5% of its rows changed in a pass: a tree has k / b leaves (196
+# at 5M rows, k = 2,500), and their last Lloyd passes each move a handful of rows at a fixed cost
+# per pass; measured on 1M synthetic rows, mean cosine to the centroid 0.6780 -> 0.6776 (k = 2,500)
+# and 0.6490 -> 0.6489 (k = 500) for 21% and 32% less k-means CPU
+LEAF_TOL = 0.005
 
 
 def n_clusters_for(n: int, cluster_size: int, n_clusters: int | None = None) -> int:
@@ -309,7 +314,7 @@ def _split(k: int, sizes: list[int]) -> list[int]:
 
 
 def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu",
-                       max_iter: int = 20, tol: float = 0.0, stats: dict | None = None) -> torch.Tensor:
+                       max_iter: int = 20, tol: float | None = None, stats: dict | None = None) -> torch.Tensor:
     """Labels [N] int32 in [0, k) of the rows of `emb` [N, D] (fp32 or fp16, kept as given).
 
     Up to `BRANCH` clusters: `spherical_kmeans` itself. More: hierarchical k-means (as in Vo et al.
@@ -318,7 +323,9 @@ def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | to
     in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
     at k = N / cluster_size the cost grows ~N log N, not ~N² (flat: 5M rows x 2,500 centroids x
     384 is 4.8 TFLOP per pass). The leaves are not flat Lloyd's optimum: within a group they are;
-    a row is never moved across groups once the level above placed it.
+    a row is never moved across groups once the level above placed it. `tol` (see
+    `spherical_kmeans`): None is 0 for a flat k-means (Lloyd's fixed point) and `LEAF_TOL` for the
+    leaves of a tree.
     """
     if emb.dim() != 2 or emb.shape[0] == 0:
         raise MatesError(f"`emb` must be a non-empty [N, D] matrix; got shape {tuple(emb.shape)}.")
@@ -329,6 +336,8 @@ def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | to
     if stats is not None:
         stats.update(levels=levels, kmeans_runs=0)
     x = _normalised(emb, max(256, _CHUNK_ELEMS // min(k, BRANCH)))
+    if tol is None:
+        tol = LEAF_TOL if levels > 1 and k > BRANCH else 0.0
     return _tree(x, k, levels, seed, device, max_iter, tol, stats).to(torch.int32)
 
 
