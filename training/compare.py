@@ -29,8 +29,9 @@ from schemas.errors import MatesError
 from schemas.method_options import METHOD_OPTIONS
 from schemas.recipe import Recipe, dump_recipe, load_recipe, method_options_key
 from schemas.storage import join, read_parquet, store_for
-from training.compare_tables import (NO_INTERACTION, WARMUP, RunSpec, collect, collect_stages, finished,
-                                     off_target_sets, primary_eval_of, split_entry, with_earlier, write_outputs)
+from training.compare_tables import (WARMUP, RunSpec, collect, collect_stages, finished, off_target_sets,
+                                     primary_eval_of, with_earlier, write_outputs)
+from training.compare_verdicts import NO_INTERACTION, split_entry
 
 # The model-aware methods cost the most: start them first so the slots stay full at the end.
 COST_ORDER = ["group_mates", "mates", "perplexity", "classifier", "dsir", "random"]  # by method (an entry METHOD@BACKBONE ranks as METHOD)
