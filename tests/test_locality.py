@@ -136,6 +136,8 @@ def _boundary_fetches(remote: str, run: str, mode: str, fetches: list) -> tuple[
     assert ctx.candidate_mode == mode
     fetches.clear()
     curate_if_needed(ctx, 0)
+    marker = json.loads(store_for(join(run, "stages", "0")).read_bytes("_SUCCESS"))
+    assert marker["candidates_mode"] == mode                 # the draw, `auto` resolved, on record
     shards = read_index(join(remote, "pool"))[1]["shards"]
     sizes = np.array([s["samples"] for s in shards])
     wanted = {shards[k]["raw_data"]["basename"] for k in np.unique(_shard_of(ctx.pools[0], sizes))}

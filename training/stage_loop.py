@@ -153,7 +153,9 @@ class RunContext:
                                                else r.stages.warmup_ratio),
                             seed=r.seed, options=r.method_options if stage > 0 else RandomOptions(),
                             state_url=state_url, device=self.device, log=self.log,
-                            target=self.target if stage > 0 else None, audit_by=r.stages.audit_by)
+                            target=self.target if stage > 0 else None, audit_by=r.stages.audit_by,
+                            # how the candidates were drawn (`auto` resolved), for whoever reads the marker
+                            metrics={"candidates_mode": self.candidate_mode})
 
 
 def _resumed_mode(recipe: Recipe) -> str:

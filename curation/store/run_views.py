@@ -112,7 +112,7 @@ def open_run(run_url: str, data_url: str | None = None) -> duckdb.DuckDBPyConnec
 def _markers_table(markers: list[dict]):
     import pyarrow as pa
 
-    keys = ["stage", "method", "selected", "candidates", "curation_seconds", "curation_share_of_training",
+    keys = ["stage", "method", "selected", "candidates", "candidates_mode", "curation_seconds", "curation_share_of_training",
             *(f"seconds_{p}" for p in ("probe", "embed", "fit", "score", "cluster", "select", "index")),
             "curation_flops",  # the compute ledger (README "Compute ledger")
             *(f"flops_{p}" for p in ("probe", "group_oracle", "embed", "fit", "relational_fit", "score"))]
