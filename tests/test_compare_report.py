@@ -197,7 +197,7 @@ def test_report_of_a_comparison_whose_run_folders_are_gone(comparison, tmp_path)
     import pyarrow as pa
 
     from training.report import write_report
-    from training.report_runs import load_run, view_from_tables
+    from training.report_runs import comparison_rows, load_run, view_from_tables
 
     out, _, _ = comparison
     kept = tmp_path / "committed"
@@ -209,7 +209,7 @@ def test_report_of_a_comparison_whose_run_folders_are_gone(comparison, tmp_path)
     paths = [str(tmp_path / "gone") if r == gone["run"] else r for r in runs.column("run").to_pylist()]
     pq.write_table(runs.set_column(runs.schema.get_field_index("run"), "run", pa.array(paths)), kept / "runs.parquet")
 
-    folder, rebuilt = load_run(gone["run"]), view_from_tables(str(kept), "dsir", gone["seed"], data="")
+    folder, rebuilt = load_run(gone["run"]), view_from_tables(comparison_rows(str(kept)), "dsir", gone["seed"], data="")
     assert rebuilt.from_tables and [m["loss"] for m in rebuilt.metrics] == [m["loss"] for m in folder.metrics]
     assert sorted(rebuilt.stages) == sorted(k for k in folder.stages if k >= 1)
     for k, st in rebuilt.stages.items():

@@ -24,7 +24,7 @@ from schemas.errors import MatesError
 from schemas.storage import store_for
 from training.report_plots import (plot_audit, plot_clusters, plot_compute, plot_costs, plot_influence, plot_loss,
                                    plot_sources)
-from training.report_runs import RunView, load_run, view_from_tables
+from training.report_runs import RunView, comparison_rows, load_run, view_from_tables
 
 
 def _markdown_table_html(text: str) -> str:
@@ -61,13 +61,14 @@ def _runs_of(source: str) -> tuple[list[RunView], str, str]:
         doc = json.loads(store.read_bytes("comparison.json"))
         table = rows_all = pq.read_table(os.path.join(source, "runs.parquet")).to_pylist()
         table = list({(r["method"], r["seed"]): r for r in table}.values())  # one row per run and eval set
-        runs, gone = [], []
+        runs, gone, committed = [], [], None
         for row in sorted(table, key=lambda r: (doc["methods"].index(r["method"]), r["seed"])):
             if store_for(row["run"]).exists("recipe.yaml"):
                 runs.append(load_run(row["run"]))
             else:   # its folder is gone (a committed comparison): what the tables hold of it
                 gone.append(row)
-                runs.append(view_from_tables(source, row["method"], row["seed"], data=""))
+                committed = committed or comparison_rows(source)   # read once, for every such run
+                runs.append(view_from_tables(committed, row["method"], row["seed"], data="", url=source))
             runs[-1].method = row["method"]  # the comparison's entry (e.g. mates@frozen), not only the method
             runs[-1].primary = runs[-1].primary or next((r["eval_set"] for r in rows_all if r["primary"]), None)
         data = next((r.data for r in runs if not r.from_tables), "")

@@ -29,18 +29,25 @@ class RunView:
     from_tables: bool = False                   # rebuilt from a comparison's tables: no stage folders
 
 
-def view_from_tables(folder: str, method: str, seed: int, data: str) -> RunView:
-    """A comparison run whose folder is gone, from the comparison's committed tables: its losses
-    (metrics.parquet), per curated stage its curation seconds and FLOPs (stages.parquet) and its
-    audit (audits.parquet, which holds the source mix). Enough for the loss, compute and source
-    plots; the probe, cluster and phase plots need the run folder."""
+TABLES_OF_A_RUN = ("metrics.parquet", "stages.parquet", "audits.parquet")
+
+
+def comparison_rows(folder: str) -> dict[str, list[dict]]:
+    """The rows of a comparison's tables that `view_from_tables` needs, each table read once."""
+    store = store_for(folder)
+    return {name: read_parquet(folder, name).to_pylist() if store.exists(name) else [] for name in TABLES_OF_A_RUN}
+
+
+def view_from_tables(tables: dict[str, list[dict]], method: str, seed: int, data: str, url: str = "") -> RunView:
+    """A comparison run whose folder is gone, from the comparison's committed tables
+    (`comparison_rows`): its losses (metrics.parquet), per curated stage its curation seconds and
+    FLOPs (stages.parquet) and its audit (audits.parquet, which holds the source mix). Enough for
+    the loss, compute and source plots; the probe, cluster and phase plots need the run folder."""
     def mine(name):
-        if not store_for(folder).exists(name):
-            return []
-        return [r for r in read_parquet(folder, name).to_pylist() if r["method"] == method and r["seed"] == seed]
+        return [r for r in tables[name] if r["method"] == method and r["seed"] == seed]
 
     rows = mine("metrics.parquet")
-    view = RunView(folder, method, seed, data, metrics_by_stage(rows), kinds={r["eval_set"]: r["loss_kind"] for r in rows},
+    view = RunView(url, method, seed, data, metrics_by_stage(rows), kinds={r["eval_set"]: r["loss_kind"] for r in rows},
                    from_tables=True)
     audits = mine("audits.parquet")
     for r in mine("stages.parquet"):
