@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -313,6 +314,58 @@ def _split(k: int, sizes: list[int]) -> list[int]:
     return out
 
 
+@dataclass
+class TreeGroup:
+    """One group of the tree's top level: its rows, the leaves it gets and where they start."""
+    rows: torch.Tensor      # [n_g] positions in the clustered matrix, ascending
+    leaves: int             # clusters of this group (>= 1)
+    offset: int             # its first global label
+    seed: int               # its sub-tree's seed
+
+
+def _levels(k: int) -> int:
+    return max(1, math.ceil(math.log(k) / math.log(BRANCH) - 1e-9)) if k > 1 else 1
+
+
+def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu", max_iter: int = 20,
+              tol: float | None = None, levels: int | None = None) -> tuple[list[TreeGroup], int, float]:
+    """The tree's top level over unit rows `x` [N, D]: (groups, levels below the top, leaf tol).
+
+    Each group's sub-tree (`cluster_group`) is independent of the others, so groups can be dealt to
+    ranks. Up to `BRANCH` clusters there is no top level: one group of all rows and k leaves.
+    `levels`: of the tree from here down (default: from k).
+    """
+    levels = _levels(k) if levels is None else levels
+    if tol is None:
+        tol = LEAF_TOL if levels > 1 and k > BRANCH else 0.0
+    if levels == 1 or k <= BRANCH:
+        return [TreeGroup(torch.arange(x.shape[0]), k, 0, seed)], levels, tol
+    b = min(k, math.ceil(k ** (1 / levels) - 1e-9))
+    # an upper level only deals rows to groups: its centroids come from a subsample (run to
+    # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
+    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's
+    top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
+                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)))[0].long().cpu()
+    order = torch.argsort(top, stable=True)                        # rows grouped by top cluster
+    sizes = torch.bincount(top, minlength=b).tolist()
+    present = [g for g in range(b) if sizes[g]]
+    leaves = dict(zip(present, _split(k, [sizes[g] for g in present])))
+    groups, start, offset = [], 0, 0
+    for g in range(b):
+        if sizes[g]:
+            groups.append(TreeGroup(order[start:start + sizes[g]], leaves[g], offset,
+                                    (seed * 1000003 + g + 1) % (1 << 62)))
+            offset += leaves[g]
+        start += sizes[g]
+    return groups, levels - 1, tol
+
+
+def cluster_group(x: torch.Tensor, group: TreeGroup, levels: int, tol: float, *, device: str | torch.device = "cpu",
+                  max_iter: int = 20, stats: dict | None = None) -> torch.Tensor:
+    """Labels [n_g] (long, global: from `group.offset`) of a group's rows `x` [n_g, D] (unit rows)."""
+    return _tree(x, group.leaves, levels, group.seed, torch.device(device), max_iter, tol, stats) + group.offset
+
+
 def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu",
                        max_iter: int = 20, tol: float | None = None, stats: dict | None = None) -> torch.Tensor:
     """Labels [N] int32 in [0, k) of the rows of `emb` [N, D] (fp32 or fp16, kept as given).
@@ -325,49 +378,44 @@ def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | to
     384 is 4.8 TFLOP per pass). The leaves are not flat Lloyd's optimum: within a group they are;
     a row is never moved across groups once the level above placed it. `tol` (see
     `spherical_kmeans`): None is 0 for a flat k-means (Lloyd's fixed point) and `LEAF_TOL` for the
-    leaves of a tree.
+    leaves of a tree. The top level's groups are independent (`plan_tree`, `cluster_group`): a
+    launched run deals them to its ranks.
     """
+    x = unit_matrix(emb, k)
+    device = torch.device(device)
+    if stats is not None:
+        stats.update(levels=_levels(k), kmeans_runs=0)
+    groups, levels, tol = plan_tree(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol)
+    if stats is not None and levels > 0 and k > BRANCH:   # the top level's own k-means
+        stats["kmeans_runs"] += 1
+    labels = torch.empty(x.shape[0], dtype=torch.long, device=device)
+    for group in groups:
+        rows = group.rows.to(device)
+        labels[rows] = cluster_group(x[group.rows.to(x.device)], group, levels, tol, device=device,
+                                     max_iter=max_iter, stats=stats)
+    return labels.to(torch.int32)
+
+
+def unit_matrix(emb: torch.Tensor, k: int) -> torch.Tensor:
+    """`emb` [N, D] checked and with unit rows (itself when they are), for `plan_tree`."""
     if emb.dim() != 2 or emb.shape[0] == 0:
         raise MatesError(f"`emb` must be a non-empty [N, D] matrix; got shape {tuple(emb.shape)}.")
     n = emb.shape[0]
     if not 1 <= k <= n:
         raise MatesError(f"`k` must be in [1, {n}] (the rows of `emb`); got {k}.")
-    levels = max(1, math.ceil(math.log(k) / math.log(BRANCH) - 1e-9)) if k > 1 else 1
-    if stats is not None:
-        stats.update(levels=levels, kmeans_runs=0)
-    x = _normalised(emb, max(256, _CHUNK_ELEMS // min(k, BRANCH)))
-    if tol is None:
-        tol = LEAF_TOL if levels > 1 and k > BRANCH else 0.0
-    return _tree(x, k, levels, seed, device, max_iter, tol, stats).to(torch.int32)
+    return _normalised(emb, max(256, _CHUNK_ELEMS // min(k, BRANCH)))
 
 
 def _tree(x, k, levels, seed, device, max_iter, tol, stats) -> torch.Tensor:
-    device = torch.device(device)
     if k == 1:
         return torch.zeros(x.shape[0], dtype=torch.long, device=device)
     if stats is not None:
         stats["kmeans_runs"] += 1
     if levels == 1 or k <= BRANCH:
         return spherical_kmeans(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol)[0].long()
-    b = min(k, math.ceil(k ** (1 / levels) - 1e-9))
-    # an upper level only deals rows to groups: its centroids come from a subsample (run to
-    # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
-    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's
-    top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
-                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)))[0].long()
-    order = torch.argsort(top.cpu(), stable=True)                  # rows grouped by top cluster
-    sizes = torch.bincount(top.cpu(), minlength=b).tolist()
-    present = [g for g in range(b) if sizes[g]]
-    leaves = dict(zip(present, _split(k, [sizes[g] for g in present])))
+    groups, below, _ = plan_tree(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol, levels=levels)
     labels = torch.empty(x.shape[0], dtype=torch.long, device=device)
-    start = offset = 0
-    for g in range(b):
-        rows = order[start:start + sizes[g]]
-        start += sizes[g]
-        if not sizes[g]:
-            continue
-        sub = _tree(x[rows.to(x.device)], leaves[g], levels - 1, (seed * 1000003 + g + 1) % (1 << 62), device, max_iter,
-                    tol, stats)
-        labels[rows.to(device)] = sub + offset
-        offset += leaves[g]
+    for group in groups:
+        labels[group.rows.to(device)] = cluster_group(x[group.rows.to(x.device)], group, below, tol, device=device,
+                                                      max_iter=max_iter, stats=stats)
     return labels
