@@ -197,7 +197,7 @@ def _subset_comparison(emb, scores, ids, n_sub, budget_ratio, seed, *, mode, tem
                        max_iter, tol) -> dict:
     """Global greedy vs per-cluster greedy (k = rows / 2000) on the same random rows."""
     from curation.select import metadata
-    from curation.select.clustering import spherical_kmeans
+    from curation.select.kmeans import spherical_kmeans
     from curation.select.greedy import global_greedy, select_per_cluster
 
     rng = np.random.default_rng([seed, 1])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from curation.select import metadata
-from curation.select.clustering import init_centroids, spherical_kmeans
+from curation.select.kmeans import init_centroids, spherical_kmeans
 from curation.select.greedy import global_greedy, greedy_group_select, select_per_cluster
 from schemas import tables
 from schemas.errors import MatesError
@@ -142,13 +142,15 @@ def test_kmeans_recovers_planted_clusters_and_is_deterministic():
     torch.testing.assert_close(centroids, means, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("n_per,k,dim,noise", [(250, 20, 16, 1.0), (400, 7, 8, 3.0), (300, 12, 24, 2.0)])
-def test_pruned_kmeans_equals_plain_lloyd(n_per, k, dim, noise):
-    """The distance bounds only skip work: labels equal textbook Lloyd from the same start."""
+def test_pruned_kmeans_equals_plain_lloyd(n_per, k, dim, noise, prune):
+    """The distance bounds only skip work, and the [k, c] passes only reorder a product: labels
+    of both equal textbook Lloyd from the same start."""
     x, _ = _planted(k, n_per, k, dim, noise)
     x = torch.nn.functional.normalize(x, dim=1)
     stats = {}
-    labels, _ = spherical_kmeans(x, k, seed=1, max_iter=40, warm_rows=0, stats=stats)
+    labels, _ = spherical_kmeans(x, k, seed=1, max_iter=40, warm_rows=0, stats=stats, prune=prune)
     centroids, plain = init_centroids(x, k, seed=1), None
     for _ in range(40):
         new = (x @ centroids.T).argmax(dim=1)
@@ -157,7 +159,8 @@ def test_pruned_kmeans_equals_plain_lloyd(n_per, k, dim, noise):
         plain = new
         centroids = torch.nn.functional.normalize(torch.zeros(k, dim).index_add_(0, plain, x), dim=1)
     assert torch.equal(labels.long(), plain)
-    assert sum(stats["full_rows"][1:]) < (len(stats["full_rows"]) - 1) * len(x)   # something was pruned
+    full = sum(stats["full_rows"][1:]) < (len(stats["full_rows"]) - 1) * len(x)
+    assert full == prune                                     # pruned: something was skipped; plain: nothing
 
 
 def test_kmeans_warm_start_tol_and_bad_input():
