@@ -176,8 +176,9 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
     deals its probes and trajectories to the ranks (`method.oracle_part`, curation/oracle/ranks.py);
     one with `parallel_scoring` scores the candidates data-parallel (each rank its `shard_for_rank`
     slice, written as scores/part-<rank>.parquet); fitting, selection and the audit happen on
-    rank 0, which rewrites each part with the global rank and cluster; then every rank writes its
-    share of the stage index and rank 0 merges and commits it (`write_stage_index`).
+    rank 0 (with `parallel_select` the other ranks run `method.select_part` meanwhile: Group-MATES'
+    dealt clusters), which rewrites each part with the global rank and cluster; then every rank
+    writes its share of the stage index and rank 0 merges and commits it (`write_stage_index`).
     Past the one barrier below, ranks wait on files in the store, never at a collective: a boundary
     may take longer than any collective's timeout. A rank that fails writes ranks/failed-<rank>.txt
     first, and every rank waiting on it raises naming it (curation/store/rank_files.py); the other
@@ -196,6 +197,8 @@ def run_stage_job(ctx: StageContext, method_name: str, *, rank: int = 0, world_s
         if world_size > 1 and getattr(method, "parallel_oracle", False):
             method.oracle_part(ctx, rank, world_size, barrier)   # each rank writes its oracle part
         pred = _predictions(ctx, method, rank, world_size)
+        if rank != 0 and world_size > 1 and method.parallel_scoring and getattr(method, "parallel_select", False):
+            method.select_part(ctx, rank, world_size)   # its share of rank 0's `select`, through files
         selection, extra = _select_and_record(ctx, method, method_name, pred, world_size) if rank == 0 else (None, None)
         # adds seconds_index and the totals (curation_seconds, the share of training) to the marker
         write_stage_index(selection, pool_url=ctx.data_url.rstrip("/") + "/pool", run_url=ctx.run_url,

@@ -22,7 +22,8 @@ _ORACLE = dict(probe_method="forward", n_probes=16, probe_batch=8, max_target=4)
 _GROUP = dict(n_trajectories=10, trajectory_length=2, trajectory_batch=5, trajectory_reference=2,
               relational_epochs=10, n_clusters=3)
 # run name -> (method, its options); `@frozen`: the stored-embedding backbone, which each rank fills
-# for its slice (the 2 ranks run first and embed; 1 rank then reads the same embeddings)
+# for its slice (the 2 ranks run first and embed; 1 rank then reads the same embeddings); `@tree`:
+# frozen, with the k-means tree's groups dealt to the ranks
 METHODS = {
     "random": ("random", mo.RandomOptions()),
     "perplexity": ("perplexity", mo.PerplexityOptions(batch_size=16)),
@@ -32,6 +33,9 @@ METHODS = {
     "mates@frozen": ("mates", mo.MatesOptions(**_ORACLE, **_ENCODER, backbone="frozen")),
     "group_mates": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **_GROUP)),
     "group_mates@frozen": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **_GROUP, backbone="frozen")),
+    # 40 clusters > clustering.BRANCH: a k-means tree, whose top-level groups 2 ranks share
+    "group_mates@tree": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **{**_GROUP, "n_clusters": 40},
+                                                             backbone="frozen")),
 }
 
 

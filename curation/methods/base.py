@@ -42,11 +42,14 @@ class CurationMethod:
     (on every rank, for its slice of the candidates); `finish` (rank 0) turns every slice's scores
     into predictions where that needs all of them (z-scores); `save_slice` hands rank 0 what else
     a slice gives (Group-MATES: its embeddings). `predict` is then all of it in one process.
+    A data-parallel method that also sets `parallel_select` has the ranks other than 0 run
+    `select_part` while rank 0 runs `select` (Group-MATES deals its clusters to them).
     """
 
     name = "base"
     n_buckets = 4
     parallel_scoring = False
+    parallel_select = False
     standardize_for_selection = False   # Gumbel τ in units of the predictions' std (see selection.py)
 
     def predict(self, ctx: StageContext) -> np.ndarray:
@@ -65,6 +68,9 @@ class CurationMethod:
     def finish(self, ctx: StageContext, scores: np.ndarray, world_size: int = 1) -> np.ndarray:
         """Rank 0: every candidate's `score_slice` value, in candidate order -> the predictions."""
         return scores
+
+    def select_part(self, ctx: StageContext, rank: int, world_size: int) -> None:
+        """On a rank other than 0 (`parallel_select`): its share of the work of rank 0's `select`."""
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         rng = np.random.default_rng([ctx.seed, ctx.stage, 7919])

@@ -11,7 +11,9 @@ At a stage boundary:
      z-scored increments (head initialised from the influence model) -> relational_model/;
   4. every candidate scored: s(x) and h(x); spherical k-means over h; DuckDB drops exact
      duplicates and sets per-cluster quotas; greedy selection within each cluster with the learned
-     α, β; each cluster is a bucket whose stream proportion is its quota's share.
+     α, β; each cluster is a bucket whose stream proportion is its quota's share. Under the
+     launcher the k-means tree's top-level groups, and the greedy in their clusters, are dealt to
+     the ranks (curation/select/group_deal.py): the same labels and picks as one rank's.
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ class GroupMatesMethod(MatesMethod):
     # Each rank embeds and scores its slice; rank 0 gathers the embeddings that clustering and the
     # greedy need (`save_slice`, `finish`): they are [N, D], the encoder pass is the cost.
     parallel_scoring = True
+    # ... and the k-means tree's groups are dealt to the ranks for clustering and the greedy
+    # (`select` on rank 0, `select_part` on the others; curation/select/group_deal.py)
+    parallel_select = True
 
     def trajectory_ids(self, ctx: StageContext) -> np.ndarray:
         """The random trajectories' sample ids [n, T] (the same on every rank)."""
@@ -215,20 +220,39 @@ class GroupMatesMethod(MatesMethod):
             others = [torch.as_tensor(rank_files.read_array(url, f"embeddings-{r:05d}")) for r in range(1, world_size)]
             self.embeddings = torch.cat([self.embeddings, *others])                    # [N, D]
         self.alpha, self.beta = self.relational.alpha, self.relational.beta
+        self.world_size = world_size   # > 1: `select` deals the tree's groups to the ranks
         return scores
+
+    def select_part(self, ctx: StageContext, rank: int, world_size: int) -> None:
+        """A rank other than 0, while rank 0 selects: cluster and select within the groups dealt to it."""
+        from curation.select.group_deal import rank_part
+
+        rank_part(stage_url(ctx.run_url, ctx.stage), rank, device=ctx.device)
 
     def select(self, ctx: StageContext, pred: np.ndarray) -> pa.Table:
         from curation.select import metadata
         from curation.store.catalog import catalog_files
-        from curation.select.clustering import cluster_embeddings, n_clusters_for
+        from curation.select.clustering import cluster_embeddings, n_clusters_for, unit_matrix
+        from curation.select.group_deal import DealtSelection
         from curation.select.greedy import select_per_cluster
         from curation.select.gumbel import standardized
 
         opts = ctx.options
         t0 = time.perf_counter()
         k = n_clusters_for(len(pred), opts.cluster_size, opts.n_clusters)
-        labels = cluster_embeddings(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
-        labels = labels.cpu().numpy().astype(np.int32)
+        world_size = getattr(self, "world_size", 1)
+        # Under the launcher the tree's top-level groups are dealt to the ranks. Up to BRANCH (32)
+        # clusters the tree is one group (a flat k-means) and it all runs here, as before: the deal
+        # pays at large k, where the leaves' k-means and the greedy cost most.
+        if world_size > 1:
+            dealt = DealtSelection(stage_url(ctx.run_url, ctx.stage), world_size, device=ctx.device)
+            labels = dealt.labels(unit_matrix(self.embeddings, k), self.embeddings, pred, k,
+                                  seed=ctx.seed + ctx.stage)
+            ctx.metrics.update({"curation/group/tree_groups": dealt.groups,
+                                "curation/group/ranks_dealt": len(dealt.working())})
+        else:
+            labels = cluster_embeddings(self.embeddings, k, seed=ctx.seed + ctx.stage, device=ctx.device)
+            labels = labels.cpu().numpy().astype(np.int32)
         ctx.timings["cluster"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         self.clusters = labels
@@ -251,13 +275,18 @@ class GroupMatesMethod(MatesMethod):
                                          pa.array(standardized(pool_rows.column("prediction").to_numpy())))
         quotas = metadata.cluster_quotas(con, pool_rows, budget, mode=opts.quota_mode,
                                          temperature=opts.quota_temperature)
-        mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
-                                  alpha=self.alpha, beta=self.beta, device=ctx.device,
-                                  interaction=opts.interaction)
+        if world_size > 1:
+            mask = dealt.mask(eligible, metadata.quotas_dict(quotas), alpha=self.alpha, beta=self.beta,
+                              interaction=opts.interaction)
+        else:
+            mask = select_per_cluster(pred, self.embeddings, eligible, metadata.quotas_dict(quotas),
+                                      alpha=self.alpha, beta=self.beta, device=ctx.device,
+                                      interaction=opts.interaction)
         candidates = pa.table({"sample_id": ctx.candidates.astype(np.int64), "cluster": labels})
         table = metadata.selection_table(con, candidates, mask)
         ctx.timings["select"] = time.perf_counter() - t0
-        ctx.log(f"  clustered into {k} in {ctx.timings['cluster']:.1f} s, selected {int(mask.sum())} by "
+        where = f" ({dealt.groups} groups on {len(dealt.working())} ranks)" if world_size > 1 else ""
+        ctx.log(f"  clustered into {k}{where} in {ctx.timings['cluster']:.1f} s, selected {int(mask.sum())} by "
                 f"greedy group selection (quotas: {opts.quota_mode}"
                 f"{'' if opts.interaction else ', interaction off'}) in {ctx.timings['select']:.1f} s")
         return table

@@ -68,3 +68,16 @@ def write_array(stage_url: str, name: str, array: np.ndarray) -> None:
 
 def read_array(stage_url: str, name: str) -> np.ndarray:
     return np.load(io.BytesIO(store_for(join(stage_url, FOLDER)).read_bytes(f"{name}.npy")), allow_pickle=False)
+
+
+def write_arrays(stage_url: str, name: str, arrays: dict[str, np.ndarray]) -> None:
+    """Named arrays one rank hands another at once (exact, as `write_array`), as <stage>/ranks/<name>.npz:
+    one object, so the reader that waits for it sees all of them."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.asarray(v) for k, v in arrays.items()})
+    store_for(join(stage_url, FOLDER)).write_bytes(buffer.getvalue(), f"{name}.npz")
+
+
+def read_arrays(stage_url: str, name: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(store_for(join(stage_url, FOLDER)).read_bytes(f"{name}.npz")), allow_pickle=False) as f:
+        return {k: f[k] for k in f.files}
