@@ -33,8 +33,8 @@ METHODS = {
     "mates@frozen": ("mates", mo.MatesOptions(**_ORACLE, **_ENCODER, backbone="frozen")),
     "group_mates": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **_GROUP)),
     "group_mates@frozen": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **_GROUP, backbone="frozen")),
-    # 40 clusters > clustering.BRANCH: a k-means tree, whose top-level groups 2 ranks share
-    "group_mates@tree": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **{**_GROUP, "n_clusters": 40},
+    # 80 clusters > clustering.BRANCH (64): a k-means tree, whose top-level groups 2 ranks share
+    "group_mates@tree": ("group_mates", mo.GroupMatesOptions(**_ORACLE, **_ENCODER, **{**_GROUP, "n_clusters": 80},
                                                              backbone="frozen")),
 }
 

@@ -104,7 +104,7 @@ def _run_ranks(url, world, emb, pred, k, seed):
 def test_dealt_groups_give_one_ranks_labels_and_picks(tmp_path, dtype, scale):
     """Unit rows, fp16 rows (handed on as fp16), and rows the k-means normalises but the greedy reads as given."""
     emb, pred = _inputs(dtype, scale)
-    url, k = str(tmp_path / "stage"), 40          # > BRANCH: a tree of 7 groups for 3 ranks
+    url, k = str(tmp_path / "stage"), 80          # > BRANCH (64): a tree of 9 groups for 3 ranks
     out, errors = _run_ranks(url, 3, emb, pred, k, seed=11)
     assert not errors, errors
     labels, eligible, quotas, mask, working = out[0]
@@ -140,7 +140,7 @@ def test_a_rank_failing_in_the_dealt_phase_is_named(tmp_path, monkeypatch, fail,
 
     monkeypatch.setattr(group_deal, where, broken)
     url = str(tmp_path / "stage")
-    _, errors = _run_ranks(url, 2, emb, pred, 40, seed=11)
+    _, errors = _run_ranks(url, 2, emb, pred, 80, seed=11)
     assert isinstance(errors[fail], ValueError)
     assert isinstance(errors[1 - fail], PeerFailed) and f"rank(s) [{fail}] failed" in str(errors[1 - fail])
     assert store_for(url).exists("ranks", f"failed-{fail:05d}.txt")

@@ -97,7 +97,7 @@ def test_two_ranks_give_one_ranks_boundary(stage_runs, name):
         embedded = marker.get("curation/embed/computed", 0) + marker.get("curation/embed/reused", 0)
         assert embedded == 0 or embedded >= 120, embedded
     # ... written by both ranks: each bucket holds a share of each (rank 0 merged their index.json);
-    # `@tree`'s 40 buckets hold ~1 sample each: a bucket's share may lie on one rank
+    # `@tree`'s 80 buckets hold ~1 sample each: a bucket's share may lie on one rank
     both, writers = ["rank-00000", "rank-00001"], set()
     for bucket, ids in buckets.items():
         names = [s["raw_data"]["basename"] for s in
