@@ -1,4 +1,4 @@
-"""Group-MATES' k-means tree groups dealt to ranks (curation/select/group_deal.py): the deal, and
+"""Group-MATES' k-means tree groups dealt to ranks (curation/methods/group_deal.py): the deal, and
 ranks in threads handing each other files give one rank's labels and picks, or name a failed rank."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from curation.select import group_deal
+from curation.methods import group_deal
 from curation.select.clustering import cluster_embeddings, unit_matrix
 from curation.select.greedy import select_per_cluster
 from curation.store.rank_files import PeerFailed, read_arrays, telling_failure

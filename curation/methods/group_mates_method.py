@@ -13,7 +13,7 @@ At a stage boundary:
      duplicates and sets per-cluster quotas; greedy selection within each cluster with the learned
      α, β; each cluster is a bucket whose stream proportion is its quota's share. Under the
      launcher the k-means tree's top-level groups, and the greedy in their clusters, are dealt to
-     the ranks (curation/select/group_deal.py): the same labels and picks as one rank's.
+     the ranks (curation/methods/group_deal.py): the same labels and picks as one rank's.
 """
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class GroupMatesMethod(MatesMethod):
     # greedy need (`save_slice`, `finish`): they are [N, D], the encoder pass is the cost.
     parallel_scoring = True
     # ... and the k-means tree's groups are dealt to the ranks for clustering and the greedy
-    # (`select` on rank 0, `select_part` on the others; curation/select/group_deal.py)
+    # (`select` on rank 0, `select_part` on the others; curation/methods/group_deal.py)
     parallel_select = True
 
     def trajectory_ids(self, ctx: StageContext) -> np.ndarray:
@@ -225,7 +225,7 @@ class GroupMatesMethod(MatesMethod):
 
     def select_part(self, ctx: StageContext, rank: int, world_size: int) -> None:
         """A rank other than 0, while rank 0 selects: cluster and select within the groups dealt to it."""
-        from curation.select.group_deal import rank_part
+        from curation.methods.group_deal import rank_part
 
         rank_part(stage_url(ctx.run_url, ctx.stage), rank, device=ctx.device)
 
@@ -233,7 +233,7 @@ class GroupMatesMethod(MatesMethod):
         from curation.select import metadata
         from curation.store.catalog import catalog_files
         from curation.select.clustering import cluster_embeddings, n_clusters_for, unit_matrix
-        from curation.select.group_deal import DealtSelection
+        from curation.methods.group_deal import DealtSelection
         from curation.select.greedy import select_per_cluster
         from curation.select.gumbel import standardized
 

@@ -3,7 +3,7 @@
 At k = N / cluster_size a flat k-means compares every row with every centroid (5M rows x 2,500
 centroids x 384 is 4.8 TFLOP per pass); a tree of branching <= `BRANCH` compares a row with
 ~L·b centroids per pass. The top level's groups are independent (`plan_tree`, `cluster_group`),
-so a launched run deals them to its ranks (`curation.select.group_deal`).
+so a launched run deals them to its ranks (`curation.methods.group_deal`).
 """
 from __future__ import annotations
 
