@@ -15,11 +15,18 @@ import torch
 from curation.select.kmeans import CHUNK_ELEMS, spherical_kmeans, unit_rows
 from schemas.errors import MatesError
 
-# most centroids one k-means of the tree compares a row with. 64, not 32: at 5M rows (k = 2,500)
-# 32 makes 3 levels and the leaves' mean cosine to their centroid drops 0.549 -> 0.493 for 20% less
-# time (65 s vs 81 s); at 1M rows (k = 500) both make the same 2 levels
+# the tree has ceil(log_BRANCH k) levels. 64, not 32: at 5M rows (k = 2,500) 32 makes 3 levels and
+# the mean cosine to the centroid drops 0.549 -> 0.493 for 20% less time (65 s vs 81 s, balanced
+# 2-level split); at 1M rows (k = 500) both make 2 levels
 BRANCH = 64
 UPPER_PASSES = 2        # passes over all rows of an upper level of the tree
+# Lloyd passes a leaf k-means typically runs to LEAF_TOL (6-10 measured at 1M-5M rows). A 2-level
+# tree costs a row ~UPPER_PASSES·b + LEAF_PASSES·k/b centroid products, least at
+# b = sqrt(k·LEAF_PASSES/UPPER_PASSES): at k = 2,500 that is 112 groups of ~22 leaves (the
+# balanced split was 50 x 50): 5M rows 81 -> 64 s and mean cosine 0.549 -> 0.582; 1M rows (k = 500,
+# 50 x 10 for 23 x 22) 10.0 -> 7.5-9.5 s, 0.6475 -> 0.664 (one thread, alone; this machine's
+# run-to-run noise is ~25%)
+LEAF_PASSES = 10
 UPPER_SAMPLE = 32768    # rows an upper level's centroids are fitted on (at least 64 per cluster)
 # a leaf of the tree stops once <= 0.5% of its rows changed in a pass: a tree has k / b leaves (196
 # at 5M rows, k = 2,500), and their last Lloyd passes each move a handful of rows at a fixed cost
@@ -64,6 +71,14 @@ def _levels(k: int) -> int:
     return max(1, math.ceil(math.log(k) / math.log(BRANCH) - 1e-9)) if k > 1 else 1
 
 
+def _top_width(k: int, levels: int) -> int:
+    """Groups of the top level: the cost-balanced width above 2 levels' leaves (see LEAF_PASSES),
+    else the balanced k^(1/levels) (each sub-tree then picks its own top width)."""
+    if levels == 2:
+        return min(k, math.ceil(math.sqrt(k * LEAF_PASSES / UPPER_PASSES)))
+    return min(k, math.ceil(k ** (1 / levels) - 1e-9))
+
+
 def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu", max_iter: int = 20,
               tol: float | None = None, levels: int | None = None) -> tuple[list[TreeGroup], int, float]:
     """The tree's top level over unit rows `x` [N, D]: (groups, levels below the top, leaf tol).
@@ -77,12 +92,14 @@ def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device 
         tol = LEAF_TOL if levels > 1 and k > BRANCH else 0.0
     if levels == 1 or k <= BRANCH:
         return [TreeGroup(torch.arange(x.shape[0]), k, 0, seed)], levels, tol
-    b = min(k, math.ceil(k ** (1 / levels) - 1e-9))
+    b = _top_width(k, levels)
     # an upper level only deals rows to groups: its centroids come from a subsample (run to
     # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
-    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's
+    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's. Its passes
+    # are plain: the first is a full pass anyway, and bounds kept for one more cost more than they
+    # skip (b = 109 at 5M rows: 94 s pruned, 64 s plain)
     top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
-                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)), unit=True)[0].long().cpu()
+                           warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)), unit=True, prune=False)[0].long().cpu()
     order = torch.argsort(top, stable=True)                        # rows grouped by top cluster
     sizes = torch.bincount(top, minlength=b).tolist()
     present = [g for g in range(b) if sizes[g]]
@@ -108,9 +125,9 @@ def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | to
     """Labels [N] int32 in [0, k) of the rows of `emb` [N, D] (fp32 or fp16, kept as given).
 
     Up to `BRANCH` clusters: `spherical_kmeans` itself. More: hierarchical k-means (as in Vo et al.
-    2024's curation of web-scale data): L = ceil(log_BRANCH k) levels, each a spherical k-means of
-    b = ceil(k^(1/L)) clusters inside a cluster of the level above, the leaves dealt to the groups
-    in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
+    2024's curation of web-scale data): L = ceil(log_BRANCH k) levels, each a spherical k-means
+    inside a cluster of the level above (the top of the last two levels sqrt(5 k) wide, see
+    `LEAF_PASSES`; above them k^(1/L)), the leaves dealt to the groups in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
     at k = N / cluster_size the cost grows ~N log N, not ~N² (flat: 5M rows x 2,500 centroids x
     384 is 4.8 TFLOP per pass). The leaves are not flat Lloyd's optimum: within a group they are;
     a row is never moved across groups once the level above placed it. `tol` (see
