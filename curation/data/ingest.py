@@ -97,15 +97,23 @@ def _tokenizer_sample(files: list[str], budget_chars: int, default_source: str, 
                 break
 
 
+def deal(costs: list[int], world_size: int) -> list[list[int]]:
+    """Item indices per rank (each list ascending): the costliest item first, each to the least
+    loaded rank, ties to the lowest rank and equal costs in item order. Deterministic; every item
+    goes to exactly one rank (ingest's files, Group-MATES' k-means groups)."""
+    if world_size < 1:
+        raise MatesError(f"`world_size` must be >= 1; got {world_size}.")
+    loads, hands = [0] * world_size, [[] for _ in range(world_size)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world_size), key=lambda r: (loads[r], r))
+        hands[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(h) for h in hands]
+
+
 def assign_files(files: list[str], world_size: int, sizes: list[int] | None = None) -> list[list[int]]:
     """File indices per rank: largest file first to the least loaded rank (ties: lowest rank)."""
-    sizes = sizes or [1] * len(files)
-    load, out = [0] * world_size, [[] for _ in range(world_size)]
-    for ix in sorted(range(len(files)), key=lambda i: (-sizes[i], i)):
-        r = min(range(world_size), key=lambda k: (load[k], k))
-        out[r].append(ix)
-        load[r] += sizes[ix]
-    return [sorted(ix) for ix in out]
+    return deal(sizes or [1] * len(files), world_size)
 
 
 def _file_sizes(files: list[str]) -> list[int]:

@@ -30,24 +30,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from curation.data.ingest import deal   # the same least-loaded-rank deal as ingest's files
 from curation.select.clustering import TreeGroup, cluster_group, plan_tree
 from curation.select.greedy import select_per_cluster
 from curation.store.rank_files import read_array, read_arrays, wait_for, write_array, write_arrays
 from schemas.errors import MatesError
-
-
-def deal(costs: list[int], world_size: int) -> list[list[int]]:
-    """Group indices per rank (each list ascending): the costliest group first, each to the least
-    loaded rank, ties to the lowest rank and equal costs in group order. Deterministic; every group
-    goes to exactly one rank."""
-    if world_size < 1:
-        raise MatesError(f"`world_size` must be >= 1; got {world_size}.")
-    loads, hands = [0] * world_size, [[] for _ in range(world_size)]
-    for g in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
-        r = min(range(world_size), key=lambda r: (loads[r], r))
-        hands[r].append(g)
-        loads[r] += costs[g]
-    return [sorted(h) for h in hands]
 
 
 @dataclass
