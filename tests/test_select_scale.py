@@ -76,6 +76,41 @@ def test_tree_kmeans_over_many_clusters_is_close_to_flat():
     assert torch.equal(small, spherical_kmeans(x, 6, seed=3)[0].long())
 
 
+def test_tree_top_assigns_once_and_leaves_cap_their_full_passes(monkeypatch):
+    """The top level is fitted on a sample and assigns every row in one pass; a leaf big enough for
+    its warm sample runs at most LEAF_FULL_PASSES passes over all its rows (the tree's cost then
+    grows ~sqrt(k) per row, not with the leaves' passes), and still clusters close to flat."""
+    from curation.select import clustering
+
+    k = 80
+    x, topic = _topics(k, 700)
+    calls = []
+
+    def recorded(rows, kk, **kw):
+        st = {}
+        out = spherical_kmeans(rows, kk, **{**kw, "stats": st})
+        calls.append((rows.shape[0], kk, kw, st))
+        return out
+
+    monkeypatch.setattr(clustering, "spherical_kmeans", recorded)
+    labels = cluster_embeddings(x, k, seed=1).long()
+    top, leaves = calls[0], calls[1:]
+    assert top[1] == clustering._top_width(k, 2) == 29 and top[3]["iterations"] == clustering.UPPER_PASSES
+    assert top[3]["warm_rows"] > 0                                   # fitted on a sample
+    capped = [c for c in leaves if c[0] >= 4 * clustering.LEAF_WARM_PER_CLUSTER * c[1]]
+    assert len(capped) >= len(leaves) // 2                           # most groups here are big enough
+    for rows, kk, kw, st in capped:
+        assert st["warm_rows"] == clustering.LEAF_WARM_PER_CLUSTER * kk
+        assert 1 <= st["iterations"] <= clustering.LEAF_FULL_PASSES
+    flat = spherical_kmeans(x, k, seed=1)[0].long()
+
+    def mean_cos(lab):
+        c = torch.nn.functional.normalize(torch.zeros(k, x.shape[1]).index_add_(0, lab, x), dim=1)
+        return float((x * c[lab]).sum(1).mean())
+
+    assert mean_cos(labels) >= mean_cos(flat) - 0.03
+
+
 @pytest.mark.parametrize("alpha, beta", [(1.0, 1.0), (0.7, 2.0)])
 def test_torch_greedy_equals_brute_force_from_fp16_rows(alpha, beta):
     rng = np.random.default_rng(5)

@@ -19,14 +19,23 @@ from schemas.errors import MatesError
 # the mean cosine to the centroid drops 0.549 -> 0.493 for 20% less time (65 s vs 81 s, balanced
 # 2-level split); at 1M rows (k = 500) both make 2 levels
 BRANCH = 64
-UPPER_PASSES = 2        # passes over all rows of an upper level of the tree
-# Lloyd passes a leaf k-means typically runs to LEAF_TOL (6-10 measured at 1M-5M rows). A 2-level
-# tree costs a row ~UPPER_PASSES·b + LEAF_PASSES·k/b centroid products, least at
-# b = sqrt(k·LEAF_PASSES/UPPER_PASSES): at k = 2,500 that is 112 groups of ~22 leaves (the
-# balanced split was 50 x 50): 5M rows 81 -> 64 s and mean cosine 0.549 -> 0.582; 1M rows (k = 500,
-# 50 x 10 for 23 x 22) 10.0 -> 7.5-9.5 s, 0.6475 -> 0.664 (one thread, alone; this machine's
-# run-to-run noise is ~25%)
-LEAF_PASSES = 10
+# An upper level only deals rows to groups: its centroids are fitted on a sample (UPPER_SAMPLE rows,
+# run to convergence), then one pass over all rows assigns them. A second full pass (Lloyd's step
+# on all rows) cost 5M rows 8 s and moved the mean cosine 0.5855 -> 0.580 (not better).
+UPPER_PASSES = 1
+# A leaf of a tree fits its centroids on LEAF_WARM_PER_CLUSTER rows per leaf (to convergence), then
+# runs at most LEAF_FULL_PASSES Lloyd passes over all its rows (fewer once LEAF_TOL holds): the
+# passes to LEAF_TOL were 5 at 1M rows and 9 at 5M (22 leaves per group), and as leaves per group
+# grow with k that made the k-means 7.7x slower for 5x rows. Capped: mean cosine 0.6724 -> 0.6706
+# at 1M rows, 0.5855 -> 0.585 at 5M (k = N / 2,000, synthetic fp16; `mates bench select`).
+LEAF_FULL_PASSES = 3
+LEAF_WARM_PER_CLUSTER = 128
+# Width of the top of a 2-level tree: ceil(sqrt(TOP_WIDTH_FACTOR · k)) groups (71 at k = 500, 159
+# at k = 2,500). A row then costs ~b + (warm + LEAF_FULL_PASSES) · k / b products, both terms
+# ~sqrt(k). Wider tops clustered better in every measurement (1M rows, mean cosine: 27 groups
+# 0.655, 50 0.671, 71 0.671, 100 0.674) at more cost per row; 10 is the measured compromise
+# (one thread, alone; this machine's run-to-run noise is ~25%).
+TOP_WIDTH_FACTOR = 10
 UPPER_SAMPLE = 32768    # rows an upper level's centroids are fitted on (at least 64 per cluster)
 # a leaf of the tree stops once <= 0.5% of its rows changed in a pass: a tree has k / b leaves (196
 # at 5M rows, k = 2,500), and their last Lloyd passes each move a handful of rows at a fixed cost
@@ -65,6 +74,7 @@ class TreeGroup:
     leaves: int             # clusters of this group (>= 1)
     offset: int             # its first global label
     seed: int               # its sub-tree's seed
+    in_tree: bool = False   # under a top level: its leaves run capped passes (LEAF_FULL_PASSES)
 
 
 def _levels(k: int) -> int:
@@ -72,10 +82,10 @@ def _levels(k: int) -> int:
 
 
 def _top_width(k: int, levels: int) -> int:
-    """Groups of the top level: the cost-balanced width above 2 levels' leaves (see LEAF_PASSES),
+    """Groups of the top level: sqrt(TOP_WIDTH_FACTOR k) above 2 levels' leaves,
     else the balanced k^(1/levels) (each sub-tree then picks its own top width)."""
     if levels == 2:
-        return min(k, math.ceil(math.sqrt(k * LEAF_PASSES / UPPER_PASSES)))
+        return min(k, math.ceil(math.sqrt(k * TOP_WIDTH_FACTOR)))
     return min(k, math.ceil(k ** (1 / levels) - 1e-9))
 
 
@@ -93,11 +103,9 @@ def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device 
     if levels == 1 or k <= BRANCH:
         return [TreeGroup(torch.arange(x.shape[0]), k, 0, seed)], levels, tol
     b = _top_width(k, levels)
-    # an upper level only deals rows to groups: its centroids come from a subsample (run to
-    # convergence), then UPPER_PASSES passes over all rows (Lloyd's on all rows at every level
-    # made the tree's cost grow ~9x for 5x rows); the leaves below run full Lloyd's. Its passes
-    # are plain: the first is a full pass anyway, and bounds kept for one more cost more than they
-    # skip (b = 109 at 5M rows: 94 s pruned, 64 s plain)
+    # an upper level only deals rows to groups (see UPPER_PASSES; Lloyd's on all rows at every level
+    # made the tree's cost grow ~9x for 5x rows). Its passes are plain: bounds kept for a second
+    # pass cost more than they skipped (b = 109 at 5M rows: 94 s pruned, 64 s plain)
     top = spherical_kmeans(x, b, seed=seed, device=device, max_iter=UPPER_PASSES, tol=tol, warm_iter=max_iter,
                            warm_rows=min(x.shape[0] // 4, max(64 * b, UPPER_SAMPLE)), unit=True, prune=False)[0].long().cpu()
     order = torch.argsort(top, stable=True)                        # rows grouped by top cluster
@@ -108,7 +116,7 @@ def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device 
     for g in range(b):
         if sizes[g]:
             groups.append(TreeGroup(order[start:start + sizes[g]], leaves[g], offset,
-                                    (seed * 1000003 + g + 1) % (1 << 62)))
+                                    (seed * 1000003 + g + 1) % (1 << 62), in_tree=True))
             offset += leaves[g]
         start += sizes[g]
     return groups, levels - 1, tol
@@ -117,7 +125,8 @@ def plan_tree(x: torch.Tensor, k: int, *, seed: int, device: str | torch.device 
 def cluster_group(x: torch.Tensor, group: TreeGroup, levels: int, tol: float, *, device: str | torch.device = "cpu",
                   max_iter: int = 20, stats: dict | None = None) -> torch.Tensor:
     """Labels [n_g] (long, global: from `group.offset`) of a group's rows `x` [n_g, D] (unit rows)."""
-    return _tree(x, group.leaves, levels, group.seed, torch.device(device), max_iter, tol, stats) + group.offset
+    return _tree(x, group.leaves, levels, group.seed, torch.device(device), max_iter, tol, stats,
+                 group.in_tree) + group.offset
 
 
 def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | torch.device = "cpu",
@@ -126,8 +135,8 @@ def cluster_embeddings(emb: torch.Tensor, k: int, *, seed: int, device: str | to
 
     Up to `BRANCH` clusters: `spherical_kmeans` itself. More: hierarchical k-means (as in Vo et al.
     2024's curation of web-scale data): L = ceil(log_BRANCH k) levels, each a spherical k-means
-    inside a cluster of the level above (the top of the last two levels sqrt(5 k) wide, see
-    `LEAF_PASSES`; above them k^(1/L)), the leaves dealt to the groups in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
+    inside a cluster of the level above (the top of the last two levels sqrt(10 k) wide, see
+    `TOP_WIDTH_FACTOR`; above them k^(1/L)), the leaves dealt to the groups in proportion to their rows. A row is compared with ~L·b centroids per pass instead of k, so
     at k = N / cluster_size the cost grows ~N log N, not ~N² (flat: 5M rows x 2,500 centroids x
     384 is 4.8 TFLOP per pass). The leaves are not flat Lloyd's optimum: within a group they are;
     a row is never moved across groups once the level above placed it. `tol` (see
@@ -160,12 +169,16 @@ def unit_matrix(emb: torch.Tensor, k: int) -> torch.Tensor:
     return unit_rows(emb, max(256, CHUNK_ELEMS // min(k, BRANCH)))
 
 
-def _tree(x, k, levels, seed, device, max_iter, tol, stats) -> torch.Tensor:
+def _tree(x, k, levels, seed, device, max_iter, tol, stats, in_tree=False) -> torch.Tensor:
     if k == 1:
         return torch.zeros(x.shape[0], dtype=torch.long, device=device)
     if stats is not None:
         stats["kmeans_runs"] += 1
     if levels == 1 or k <= BRANCH:
+        warm = LEAF_WARM_PER_CLUSTER * k
+        if in_tree and warm <= x.shape[0] // 4:   # a leaf of a tree: fit on a sample, few full passes
+            return spherical_kmeans(x, k, seed=seed, device=device, max_iter=min(max_iter, LEAF_FULL_PASSES),
+                                    warm_iter=max_iter, warm_rows=warm, tol=tol, unit=True)[0].long()
         return spherical_kmeans(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol, unit=True)[0].long()
     groups, below, _ = plan_tree(x, k, seed=seed, device=device, max_iter=max_iter, tol=tol, levels=levels)
     labels = torch.empty(x.shape[0], dtype=torch.long, device=device)
