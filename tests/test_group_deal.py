@@ -57,13 +57,13 @@ def test_assembly_refuses_a_dropped_or_foreign_share():
         group_deal.assemble_picks(4, [(np.array([0, 2]), np.array([], np.int64), 1)] + shares[1:])
 
 
-def _inputs(dtype, scale=1.0):
-    """300 rows near 12 directions (of norm `scale`) and their predictions."""
+def _inputs(dtype, scale=1.0, n=300):
+    """`n` rows near 12 directions (of norm `scale`) and their predictions."""
     rng = np.random.default_rng(3)
     centres = rng.normal(size=(12, 8))
-    x = centres[rng.integers(0, 12, 300)] + 0.3 * rng.normal(size=(300, 8))
+    x = centres[rng.integers(0, 12, n)] + 0.3 * rng.normal(size=(n, 8))
     x *= scale / np.linalg.norm(x, axis=1, keepdims=True)
-    return torch.as_tensor(x, dtype=dtype), rng.normal(size=300)
+    return torch.as_tensor(x, dtype=dtype), rng.normal(size=n)
 
 
 _current = threading.local()   # the rank a thread runs (the failure test breaks one)
@@ -100,10 +100,14 @@ def _run_ranks(url, world, emb, pred, k, seed):
     return out, errors
 
 
-@pytest.mark.parametrize("dtype, scale", [(torch.float32, 1.0), (torch.float16, 1.0), (torch.float32, 2.0)])
-def test_dealt_groups_give_one_ranks_labels_and_picks(tmp_path, dtype, scale):
-    """Unit rows, fp16 rows (handed on as fp16), and rows the k-means normalises but the greedy reads as given."""
-    emb, pred = _inputs(dtype, scale)
+# the 60,000-row case has groups big enough for capped leaves (`clustering.LEAF_FULL_PASSES`),
+# which a dealt group must run as rank 0's own tree does
+@pytest.mark.parametrize("dtype, scale, n", [(torch.float32, 1.0, 300), (torch.float16, 1.0, 300),
+                                             (torch.float32, 2.0, 300), (torch.float32, 1.0, 60_000)])
+def test_dealt_groups_give_one_ranks_labels_and_picks(tmp_path, dtype, scale, n):
+    """Unit rows, fp16 rows (handed on as fp16), rows the k-means normalises but the greedy reads
+    as given, and groups whose leaves run capped passes."""
+    emb, pred = _inputs(dtype, scale, n)
     url, k = str(tmp_path / "stage"), 80          # > BRANCH (64): a tree of 9 groups for 3 ranks
     out, errors = _run_ranks(url, 3, emb, pred, k, seed=11)
     assert not errors, errors

@@ -25,7 +25,7 @@ the deal is for large k, where the leaves' k-means and the greedy are the cost.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -64,8 +64,9 @@ def make_shares(x: torch.Tensor, emb: torch.Tensor, pred: np.ndarray, groups: li
         else:
             unit = x[positions.to(x.device)]
             mine = unit if emb is x else emb[positions.to(emb.device)]
-        local = [TreeGroup(torch.searchsorted(positions, groups[g].rows), groups[g].leaves, groups[g].offset,
-                           groups[g].seed) for g in hand]
+        # every field of the group but its rows, now positions into this share (`in_tree` too: a
+        # dealt leaf must cap its passes as rank 0's own tree would)
+        local = [replace(groups[g], rows=torch.searchsorted(positions, groups[g].rows)) for g in hand]
         shares.append(Share(positions.numpy(), unit, mine, np.asarray(pred, dtype=np.float64)[positions.numpy()],
                             local, levels, tol))
     return shares
@@ -83,6 +84,7 @@ def write_share(url: str, rank: int, share: Share) -> None:
               "leaves": np.array([g.leaves for g in groups], np.int64),
               "offsets": np.array([g.offset for g in groups], np.int64),
               "seeds": np.array([g.seed for g in groups], np.int64),
+              "in_tree": np.array([g.in_tree for g in groups], np.bool_),
               "levels": np.array(share.levels, np.int64), "tol": np.array(share.tol, np.float64)}
     if share.unit is not share.emb:
         arrays["unit"] = share.unit.cpu().numpy()
@@ -95,7 +97,8 @@ def read_share(url: str, rank: int) -> Share:
     a = read_arrays(url, _name("share", rank))
     emb = torch.from_numpy(a["emb"])
     rows = torch.from_numpy(a["group_rows"]).split(a["group_sizes"].tolist())
-    groups = [TreeGroup(r, int(n), int(o), int(s)) for r, n, o, s in zip(rows, a["leaves"], a["offsets"], a["seeds"])]
+    groups = [TreeGroup(r, int(n), int(o), int(s), bool(t))
+              for r, n, o, s, t in zip(rows, a["leaves"], a["offsets"], a["seeds"], a["in_tree"])]
     return Share(a["positions"], torch.from_numpy(a["unit"]) if "unit" in a else emb, emb, a["pred"], groups,
                  int(a["levels"]), float(a["tol"]))
 
